@@ -1,0 +1,57 @@
+# RepViT -> app-ready Core ML / ONNX / TFLite.  `make help` lists targets and variables.
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+VARIANT ?= m0.9
+QUANT   ?= int8
+QUANTS  ?= fp32 fp16 int8 w8 pal6 pal4
+CKPT    ?= official
+DATA    ?=
+CALIB   ?=
+RECIPE  ?=
+SET     ?=
+FORCE   ?=
+
+# Optional variables become CLI options only when set.
+RUN_OPTS = --variant $(VARIANT) --ckpt $(CKPT) \
+  $(if $(DATA),--data $(DATA)) $(if $(CALIB),--calib $(CALIB)) \
+  $(if $(RECIPE),--recipe $(RECIPE)) $(foreach s,$(SET),--set $(s)) \
+  $(foreach s,$(FORCE),--force $(s))
+
+.PHONY: help setup test test-slow deploy compare variants bench cache-ls clean
+
+help: ## This list
+	@echo "Targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@echo "Variables: VARIANT=$(VARIANT) (m0.6 m0.9 m1.0 m1.1 m1.5 m2.3)  QUANT=$(QUANT) (fp32 fp16 int8 w8 pal4 pal6 pal8 qat-int8)"
+	@echo "           CKPT=official|random|FILE  DATA=eval folder  CALIB=calibration folder"
+	@echo "           RECIPE=your.yaml  SET='stage.key=value ...'  FORCE='stage ...'  QUANTS='fp16 int8 ...' (compare)"
+
+setup: ## Create $(VENV) and install everything (torch 2.13.0 CPU included)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+
+test: ## Run the default test suite (minutes; slow tests excluded)
+	$(PY) -m pytest -q
+
+test-slow: ## Run only the slow tests (every variant through every exporter, ...)
+	$(PY) -m pytest -q -m slow
+
+deploy: ## Build artifacts/<VARIANT>-<QUANT>/ (models, labels, report)
+	$(PY) -m pipeline deploy --quant $(QUANT) $(RUN_OPTS)
+
+compare: ## Build every scheme in QUANTS and compare them in artifacts/<VARIANT>-compare/
+	$(PY) -m pipeline compare $(foreach q,$(QUANTS),--quant $(q)) $(RUN_OPTS)
+
+variants: ## The model zoo with counted and published params / MACs
+	$(PY) -m pipeline variants
+
+bench: ## Benchmarks under bench/ (ratios measured in one run)
+	$(PY) bench/bench_reparam.py
+
+cache-ls: ## List cached stage outputs
+	$(PY) -m pipeline cache ls
+
+clean: ## Remove artifacts/ (the cache included)
+	rm -rf artifacts

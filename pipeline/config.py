@@ -1,0 +1,5 @@
+"""Typed recipe configs (placeholder; filled by the recipe loader)."""
+
+
+class RecipeError(ValueError):
+    pass

@@ -1,0 +1,185 @@
+"""Images in, tensors out: the deployment's own preprocessing (Pillow + numpy), image
+folders, and natural sample photos for label-free calibration and checks."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+            "nearest": Image.Resampling.NEAREST}
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side to ``size / crop_pct``, centre-crop ``size``, then
+    (for float inputs) scale to 0..1 and normalize with mean/std."""
+    size: int = 224
+    crop_pct: float = 0.95
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def crop(self, img: Image.Image) -> Image.Image:
+        """The ``size`` x ``size`` RGB crop (what a Core ML image input receives)."""
+        img = img.convert("RGB")
+        scale = int(self.size / self.crop_pct)  # timm: floor(size / crop_pct)
+        w, h = img.size
+        if w <= h:
+            nw, nh = scale, max(1, round(h * scale / w))
+        else:
+            nw, nh = max(1, round(w * scale / h)), scale
+        img = img.resize((nw, nh), RESAMPLE[self.interpolation])
+        left, top = (nw - self.size) // 2, (nh - self.size) // 2
+        return img.crop((left, top, left + self.size, top + self.size))
+
+    def pixels(self, img: Image.Image) -> np.ndarray:
+        """uint8 HWC RGB crop."""
+        return np.asarray(self.crop(img), dtype=np.uint8)
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """float32 CHW, from uint8 HWC."""
+        x = pixels.astype(np.float32) / 255.0
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        return self.normalize(self.pixels(img))
+
+
+def open_image(path: Path) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()
+        return img
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"cannot read image {path}: {e}. Remove or replace the file.") from None
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """A list of images with optional integer labels; ``classes`` names the labels."""
+    paths: tuple[Path, ...]
+    labels: Optional[tuple[int, ...]]
+    classes: Optional[tuple[str, ...]]
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def fingerprint(self) -> str:
+        """Hash of the listing (relative paths, sizes, labels): a cache key for the data."""
+        h = hashlib.sha256()
+        for i, p in enumerate(self.paths):
+            label = self.labels[i] if self.labels else -1
+            h.update(f"{p.name}|{p.stat().st_size}|{label}\n".encode())
+        return h.hexdigest()
+
+    def subset(self, indices: Sequence[int], name: str) -> "ImageSet":
+        return ImageSet(tuple(self.paths[i] for i in indices),
+                        tuple(self.labels[i] for i in indices) if self.labels else None,
+                        self.classes, name)
+
+    def split(self, n_first: int, seed: int = 0) -> tuple["ImageSet", "ImageSet"]:
+        """A deterministic (held-out, rest) split: ``n_first`` images spread over classes."""
+        order = np.random.default_rng(seed).permutation(len(self))
+        held, rest = sorted(order[:n_first].tolist()), sorted(order[n_first:].tolist())
+        return self.subset(held, self.name + "[calib]"), self.subset(rest, self.name + "[eval]")
+
+
+def _images_under(d: Path) -> list[Path]:
+    return sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def image_folder(root: str | Path, class_index: Optional[dict[str, int]] = None,
+                 classes: Optional[Sequence[str]] = None) -> ImageSet:
+    """``root/<class>/*.jpg`` (an ImageFolder) or an ImageNet ``val/<wnid>/`` tree.
+
+    With ``class_index`` (wnid -> model output index) folder names map through it;
+    otherwise classes are the sorted folder names, as torchvision's ImageFolder orders them.
+    A folder of images with no class folders is an unlabelled set.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}. Pass DATA=<folder of class folders>.")
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir())
+    if not subdirs:
+        paths = _images_under(root)
+        if not paths:
+            raise DataError(f"no images under {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        return ImageSet(tuple(paths), None, None, root.name)
+    paths, labels = [], []
+    names = [d.name for d in subdirs]
+    if class_index is None:
+        class_index = {n: i for i, n in enumerate(names)}
+        classes = names
+    unknown = [n for n in names if n not in class_index]
+    if unknown:
+        raise DataError(f"{root}: folder(s) {', '.join(unknown[:5])} are not classes of this "
+                        f"model; expected names such as {', '.join(list(class_index)[:3])}")
+    for d in subdirs:
+        for p in _images_under(d):
+            paths.append(p)
+            labels.append(class_index[d.name])
+    if not paths:
+        raise DataError(f"no images under {root}")
+    return ImageSet(tuple(paths), tuple(labels), tuple(classes) if classes else None, root.name)
+
+
+# ---------------------------------------------------------------- natural sample photos
+
+SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "hubble_deep_field",
+                 "immunohistochemistry", "retina", "colorwheel")
+
+
+def sample_images(n: int, seed: int = 0) -> list[Image.Image]:
+    """``n`` natural photos from scikit-image's bundled set, varied by random crops and
+    flips (deterministic for ``seed``): real image statistics without any download."""
+    import skimage.data
+
+    base = [Image.fromarray(getattr(skimage.data, name)()).convert("RGB") for name in SAMPLE_PHOTOS]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = base[i % len(base)]
+        if i >= len(base):
+            w, h = img.size
+            frac = rng.uniform(0.4, 1.0)
+            cw, ch = max(16, int(w * frac)), max(16, int(h * frac))
+            x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+            img = img.crop((x0, y0, x0 + cw, y0 + ch))
+            if rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out.append(img)
+    return out
+
+
+def batch(images: Sequence[Image.Image], pre: Preprocess) -> np.ndarray:
+    return np.stack([pre(img) for img in images])
+
+
+def iter_batches(images: ImageSet, pre: Preprocess, batch_size: int = 32
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
+    """(uint8 NHWC pixels, float NCHW normalized, labels or None) per batch."""
+    for start in range(0, len(images), batch_size):
+        idx = range(start, min(start + batch_size, len(images)))
+        pix = np.stack([pre.pixels(open_image(images.paths[i])) for i in idx])
+        x = np.stack([pre.normalize(p) for p in pix])
+        y = np.asarray([images.labels[i] for i in idx]) if images.labels else None
+        yield pix, x, y
+
+
+def imagenet_classes() -> tuple[list[str], dict[str, int]]:
+    """ImageNet-1k class names and wnid -> index, from the table shipped with the package."""
+    rows = json.loads((Path(__file__).parent / "resources" / "imagenet_classes.json").read_text())
+    return [r[2] for r in rows], {r[1]: r[0] for r in rows}

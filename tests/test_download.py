@@ -1,0 +1,105 @@
+"""The official-weights download path, against an HTTP server on 127.0.0.1."""
+import dataclasses
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+
+from pipeline import download
+from pipeline.variants import VARIANTS, Weights
+
+PAYLOAD = b"repvit weights " * 4096
+
+
+@pytest.fixture
+def server():
+    """Serves PAYLOAD at /w.pth on loopback; counts requests."""
+    state = {"requests": 0, "body": PAYLOAD}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            state["requests"] += 1
+            if self.path != "/w.pth":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(state["body"])))
+            self.end_headers()
+            self.wfile.write(state["body"])
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{httpd.server_address[1]}/w.pth"
+    yield state
+    httpd.shutdown()
+
+
+def variant_with(**weights):
+    return dataclasses.replace(VARIANTS["m0.9"], weights=Weights("w.pth", **weights))
+
+
+def test_download_verify_and_never_again(server, tmp_path):
+    digest = hashlib.sha256(PAYLOAD).hexdigest()
+    v = variant_with(size=len(PAYLOAD), sha256=digest)
+    path, got = download.fetch_official(v, url=server["url"], directory=tmp_path)
+    assert path.read_bytes() == PAYLOAD and got == digest and server["requests"] == 1
+    path2, _ = download.fetch_official(v, url=server["url"], directory=tmp_path)
+    assert path2 == path and server["requests"] == 1, "a verified file is never fetched again"
+    assert [p.name for p in tmp_path.iterdir()] == ["w.pth"], "no partial files left"
+
+
+def test_checksum_mismatch_leaves_nothing(server, tmp_path):
+    v = variant_with(sha256="0" * 64)
+    with pytest.raises(download.WeightsCorrupt, match="sha256"):
+        download.fetch_official(v, url=server["url"], directory=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_size_pin_catches_truncation(server, tmp_path):
+    server["body"] = PAYLOAD[:1000]
+    v = variant_with(size=len(PAYLOAD))
+    with pytest.raises(download.WeightsCorrupt, match="truncated"):
+        download.fetch_official(v, url=server["url"], directory=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prefix_pin(server, tmp_path):
+    prefix = hashlib.sha256(PAYLOAD).hexdigest()[:16]
+    download.fetch_official(variant_with(sha256_prefix=prefix), url=server["url"], directory=tmp_path)
+    with pytest.raises(download.WeightsCorrupt, match="prefix"):
+        download.fetch_official(variant_with(sha256_prefix="ffff" * 4), url=server["url"],
+                                directory=tmp_path / "other")
+
+
+def test_first_download_records_sha256_then_verifies(server, tmp_path):
+    v = variant_with()
+    path, digest = download.fetch_official(v, url=server["url"], directory=tmp_path)
+    assert (tmp_path / "w.pth.sha256").read_text().strip() == digest
+    path.write_bytes(b"tampered")
+    # The cached file fails its recorded digest: it is fetched again and verified.
+    download.fetch_official(v, url=server["url"], directory=tmp_path)
+    assert path.read_bytes() == PAYLOAD and server["requests"] == 2
+
+
+def test_no_network_says_how_to_pass_a_file(server, tmp_path):
+    url = server["url"].replace("/w.pth", "/missing.pth")
+    with pytest.raises(download.WeightsUnavailable, match=r"CKPT=/path/to/w\.pth"):
+        download.fetch_official(variant_with(), url=url, directory=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_dir_respects_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert download.cache_dir() == tmp_path / "repvit-pipeline" / "weights"
+
+
+def test_every_variant_has_a_release_url():
+    for v in VARIANTS.values():
+        assert v.weights.url.startswith("https://github.com/THU-MIG/RepViT/releases/download/v1.0/")
+        assert v.weights.url.endswith("_distill_300e.pth")
