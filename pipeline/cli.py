@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -19,12 +21,13 @@ class PipelineGroup(click.Group):
         from .config import RecipeError
         from .data import DataError
         from .download import WeightsCorrupt, WeightsUnavailable
+        from .formats import ExportError
         from .models.reparam import ReparamError
 
         try:
             return super().invoke(ctx)
         except (CheckpointError, RecipeError, DataError, WeightsCorrupt, WeightsUnavailable,
-                ReparamError, UnknownVariant) as e:
+                ReparamError, UnknownVariant, ExportError, NotImplementedError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
 
@@ -32,6 +35,12 @@ class PipelineGroup(click.Group):
 @click.group(cls=PipelineGroup)
 def main():
     """RepViT checkpoint -> compressed, app-ready Core ML / ONNX / TFLite models."""
+    # The converters' own chatter (TF/absl C++ logs, torch.onnx registry warnings) buries
+    # the pipeline's output; errors still get through.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    for name in ("torch.onnx", "coremltools", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @main.command()
@@ -83,9 +92,9 @@ def reparam(variant, ckpt, out, tolerance):
             variant = c.variant_hint or guess_variant(c.state_dict) or "m0.9"
     get_variant(variant)
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = load_stage.run(load_stage.LoadConfig(variant=variant, checkpoint=ckpt), Path(tmp))
+        loaded = load_stage.load(load_stage.LoadConfig(variant=variant, checkpoint=ckpt), Path(tmp))
         cfg = reparam_stage.ReparamConfig(tolerance=tolerance)
-        result = reparam_stage.run(cfg, loaded.checkpoint, Path(tmp))
+        result = reparam_stage.reparam(cfg, loaded.checkpoint, Path(tmp))
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp_out = out.with_name(out.name + ".part")
         tmp_out.write_bytes(result.checkpoint.read_bytes())
@@ -100,6 +109,78 @@ def reparam(variant, ckpt, out, tolerance):
                f"unfused| = {result.max_abs_diff:.3g} (max |logit| {result.max_abs_logit:.3g}, "
                f"tolerance {tolerance:g} relative), top-1 agreement {result.top1_agreement:.0%}")
     click.echo(f"  wrote {out}")
+
+
+def run_options(f):
+    """Options shared by deploy and compare (the Make variables)."""
+    opts = [
+        click.option("--variant", default=None, help=f"VARIANT: {', '.join(VARIANTS)} (default: the recipe's)."),
+        click.option("--ckpt", "checkpoint", default=None, help="CKPT: official | random | a checkpoint file."),
+        click.option("--data", default=None, help="DATA: evaluation images (ImageFolder or ImageNet val/<wnid>/)."),
+        click.option("--calib", default=None, help="CALIB: calibration / QAT images (never scored)."),
+        click.option("--recipe", default=None, help="RECIPE: your recipe file (may extend a shipped one)."),
+        click.option("--set", "sets", multiple=True, help="Override one key: section.key=value (repeatable)."),
+        click.option("--force", multiple=True, help="Re-run this stage even if cached (repeatable)."),
+        click.option("--artifacts", type=click.Path(path_type=Path), default=Path("artifacts"),
+                     show_default=True, help="Output root (the cache lives in <root>/cache)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@main.command()
+@click.option("--quant", default=None, help="QUANT: the scheme, picks recipes/<QUANT>.yaml (default fp32).")
+@run_options
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
+def deploy(quant, as_json, **kw):
+    """Run the recipe's stages (cached) and write artifacts/<variant>-<quant>/."""
+    from .deploy import RunOptions, deploy as run_deploy, log_stderr, summary
+
+    opts = RunOptions(quant=quant, **kw)
+    report, folder = run_deploy(opts, log=log_stderr)
+    if as_json:
+        click.echo(json.dumps(report, indent=1, default=str))
+    else:
+        click.echo(summary(report, folder))
+
+
+@main.group()
+def cache():
+    """Inspect or clean the stage cache."""
+
+
+@cache.command("ls")
+@click.option("--artifacts", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
+def cache_ls(artifacts):
+    """List cache entries (stage, key, size, age)."""
+    import time
+
+    from .runner import Cache
+
+    entries = Cache(artifacts / "cache").entries()
+    for e in entries:
+        age = (time.time() - e["created"]) / 3600
+        click.echo(f"{e['stage']:9} {e['key']}  {e['bytes'] / 1e6:9.2f} MB  {age:7.1f} h old")
+    click.echo(f"{len(entries)} entries, {sum(e['bytes'] for e in entries) / 1e6:.1f} MB")
+
+
+@cache.command("clean")
+@click.option("--artifacts", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
+@click.option("--older-than", default=None, help="Only entries older than this: 30m, 12h, 7d.")
+def cache_clean(artifacts, older_than):
+    """Remove cache entries."""
+    from .runner import Cache
+
+    seconds = None
+    if older_than:
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+        try:
+            seconds = float(older_than[:-1]) * units[older_than[-1]]
+        except (KeyError, ValueError):
+            raise click.BadParameter("use a number and a unit: 30m, 12h, 7d", param_hint="--older-than")
+    n = Cache(artifacts / "cache").clean(seconds)
+    click.echo(f"removed {n} cache entries")
 
 
 if __name__ == "__main__":

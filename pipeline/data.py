@@ -183,3 +183,88 @@ def imagenet_classes() -> tuple[list[str], dict[str, int]]:
     """ImageNet-1k class names and wnid -> index, from the table shipped with the package."""
     rows = json.loads((Path(__file__).parent / "resources" / "imagenet_classes.json").read_text())
     return [r[2] for r in rows], {r[1]: r[0] for r in rows}
+
+
+# ---------------------------------------------------------------- the recipe's data section
+
+@dataclass
+class DataConfig:
+    """``eval`` (DATA) is scored, never calibrated on; ``calib`` (CALIB) is where
+    calibration and QAT images come from. Without ``calib``, a deterministic part of
+    ``eval`` is held out for calibration; without either, natural sample photos are used."""
+    eval: Optional[str] = None
+    calib: Optional[str] = None
+    calib_images: int = 256
+    eval_images: Optional[int] = None   # score only the first N (deterministic order)
+    seed: int = 0
+
+    def validate(self):
+        if self.calib_images < 1:
+            raise ValueError("calib_images must be at least 1")
+
+
+def class_index_for(classes: Sequence[str]) -> dict[str, int]:
+    """Folder name -> output index: the model's class names, and ImageNet wnids for
+    1000-class models."""
+    index = {name: i for i, name in enumerate(classes)}
+    if len(classes) == 1000:
+        index.update(imagenet_classes()[1])
+    return index
+
+
+def fingerprint_folder(path: Optional[str]) -> Optional[str]:
+    if not path:
+        return None
+    return image_folder(path).fingerprint()
+
+
+@dataclass(frozen=True)
+class Sets:
+    calib: Optional[ImageSet]      # None: natural sample photos
+    eval: Optional[ImageSet]
+    calib_description: str
+    eval_description: str
+
+
+def resolve_sets(cfg: DataConfig, classes: Sequence[str]) -> Sets:
+    index = class_index_for(classes)
+    eval_set = image_folder(cfg.eval, index, classes) if cfg.eval else None
+    if cfg.calib:
+        calib = image_folder(cfg.calib, index if _labelled(cfg.calib, index) else None, classes)
+        calib_desc = f"{len(calib)} images from CALIB={cfg.calib}"
+    elif eval_set is not None:
+        n = min(cfg.calib_images, len(eval_set) // 2)
+        if n < 1:
+            raise DataError(f"DATA={cfg.eval} has {len(eval_set)} image(s): too few to hold some out "
+                            "for calibration; pass CALIB=<training images>")
+        calib, eval_set = eval_set.split(n, cfg.seed)
+        calib_desc = f"{n} images held out of DATA={cfg.eval} (not scored)"
+    else:
+        calib = None
+        calib_desc = (f"{cfg.calib_images} natural sample photos (scikit-image's bundled images, "
+                      "random crops and flips)")
+    if eval_set is not None and cfg.eval_images:
+        eval_set = eval_set.subset(range(min(cfg.eval_images, len(eval_set))), eval_set.name)
+    eval_desc = f"{len(eval_set)} labelled images from DATA={cfg.eval}" if eval_set else "none (no DATA)"
+    return Sets(calib, eval_set, calib_desc, eval_desc)
+
+
+def _labelled(root: str, index: dict[str, int]) -> bool:
+    subdirs = [d.name for d in Path(root).iterdir() if d.is_dir()]
+    return bool(subdirs) and all(d in index for d in subdirs)
+
+
+def calibration_pixels(sets: Sets, cfg: DataConfig, pre: Preprocess, progress=None) -> np.ndarray:
+    """uint8 NHWC crops of the calibration images (deterministic selection)."""
+    if sets.calib is None:
+        images = sample_images(cfg.calib_images, cfg.seed)
+        return np.stack([pre.pixels(im) for im in images])
+    calib = sets.calib
+    if len(calib) > cfg.calib_images:
+        calib = calib.split(cfg.calib_images, cfg.seed)[0]
+    out = []
+    for p in calib.paths:
+        out.append(pre.pixels(open_image(p)))
+        if progress:
+            progress(1)
+    return np.stack(out)

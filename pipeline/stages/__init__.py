@@ -1,0 +1,36 @@
+"""The pipeline's stages, in order, and the recipe sections that configure them."""
+from __future__ import annotations
+
+from ..data import DataConfig
+from ..runner import Stage
+from . import export, load, quantize, reparam, validate
+
+MODEL_CODE = ("pipeline.models.repvit", "pipeline.models.fusion", "pipeline.models.reparam",
+              "pipeline.checkpoints", "pipeline.variants")
+DATA_CODE = ("pipeline.data",)
+FORMAT_CODE = ("pipeline.formats", "pipeline.formats.coreml", "pipeline.formats.onnx",
+               "pipeline.formats.tflite", "pipeline.runtimes.mil")
+CONVERTERS = ("torch", "coremltools", "onnx", "onnxscript", "onnxsim", "onnxruntime",
+              "litert-torch", "ai-edge-litert", "ai-edge-quantizer")
+
+SECTIONS = {"load": load.LoadConfig, "reparam": reparam.ReparamConfig,
+            "quantize": quantize.QuantizeConfig, "export": export.ExportConfig,
+            "validate": validate.ValidateConfig, "data": DataConfig}
+
+STAGES = {s.name: s for s in [
+    Stage("load", load.run, fingerprint=lambda cfg: load.fingerprint(cfg),
+          code=("pipeline.stages.load", "pipeline.download", *MODEL_CODE, *DATA_CODE),
+          libraries=("torch",)),
+    Stage("reparam", reparam.run, needs=("load",),
+          code=("pipeline.stages.reparam", "pipeline.models.profile", *MODEL_CODE, *DATA_CODE),
+          libraries=("torch", "scikit-image", "pillow")),
+    Stage("quantize", quantize.run, needs=("reparam",), sections=("data",),
+          fingerprint=quantize.fingerprint,
+          code=("pipeline.stages.quantize", *MODEL_CODE, *DATA_CODE), libraries=("torch", "pillow")),
+    Stage("export", export.run, needs=("quantize",),
+          code=("pipeline.stages.export", *MODEL_CODE, *DATA_CODE, *FORMAT_CODE), libraries=CONVERTERS),
+    Stage("validate", validate.run, needs=("reparam", "export"), sections=("data",),
+          fingerprint=validate.fingerprint,
+          code=("pipeline.stages.validate", "pipeline.runtimes", *MODEL_CODE, *DATA_CODE, *FORMAT_CODE),
+          libraries=CONVERTERS + ("pillow",)),
+]}

@@ -71,7 +71,7 @@ def _resolve_weights(cfg: LoadConfig):
     return parse(read_file(path), str(path)), Weights(str(path), sha256_file(path), True)
 
 
-def run(cfg: LoadConfig, out_dir: Path) -> LoadResult:
+def load(cfg: LoadConfig, out_dir: Path) -> LoadResult:
     variant = get_variant(cfg.variant)
     ckpt, weights = _resolve_weights(cfg)
     if ckpt is None:
@@ -103,3 +103,11 @@ def run(cfg: LoadConfig, out_dir: Path) -> LoadResult:
     path = out_dir / "model.pt"
     save_pipeline_checkpoint(path, model, meta)
     return LoadResult(path, weights, meta)
+
+
+def run(cfg: LoadConfig, inputs: dict, out_dir: Path) -> dict:
+    """Stage entry point: writes ``model.pt``; facts are the weights and preprocessing."""
+    result = load(cfg, out_dir)
+    return {"weights": result.weights.__dict__,
+            **{k: v for k, v in result.meta.items() if k not in ("classes", "weights")},
+            "num_classes": len(result.meta["classes"])}

@@ -52,7 +52,7 @@ def verify(model: torch.nn.Module, fused: torch.nn.Module, x: torch.Tensor, tole
     return diff, scale, agree
 
 
-def run(cfg: ReparamConfig, model_checkpoint: Path, out_dir: Path) -> ReparamResult:
+def reparam(cfg: ReparamConfig, model_checkpoint: Path, out_dir: Path) -> ReparamResult:
     model, ckpt = load_model(model_checkpoint)
     fused = reparameterize(model)
     size = ckpt.meta.get("input_size", model.variant.input_size)
@@ -66,3 +66,9 @@ def run(cfg: ReparamConfig, model_checkpoint: Path, out_dir: Path) -> ReparamRes
     save_pipeline_checkpoint(path, fused, ckpt.meta)
     return ReparamResult(path, diff, scale, agree, before.params, after.params,
                          after.macs / 1e9, before.batchnorms)
+
+
+def run(cfg: ReparamConfig, inputs: dict, out_dir: Path) -> dict:
+    """Stage entry point: ``load``'s ``model.pt`` -> ``fused.pt``."""
+    r = reparam(cfg, inputs["load"] / "model.pt", out_dir)
+    return {k: v for k, v in r.__dict__.items() if k != "checkpoint"}

@@ -1,0 +1,122 @@
+"""``make deploy``: run a recipe's stages (cached) and publish ``artifacts/<variant>-<quant>/``."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import report as report_mod
+from .config import RECIPES_DIR, Recipe, RecipeError, load_recipe
+from .runner import Cache, run_stages
+from .stages import SECTIONS, STAGES
+from .variants import get_variant
+
+
+@dataclass
+class RunOptions:
+    variant: Optional[str] = None
+    quant: Optional[str] = None
+    checkpoint: Optional[str] = None
+    data: Optional[str] = None
+    calib: Optional[str] = None
+    recipe: Optional[str] = None
+    sets: tuple[str, ...] = ()
+    force: tuple[str, ...] = ()
+    artifacts: Path = Path("artifacts")
+
+
+def shipped_quants() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem != "base")
+
+
+def resolve_recipe(opts: RunOptions) -> Recipe:
+    if opts.recipe:
+        path = opts.recipe
+    else:
+        quant = opts.quant or "fp32"
+        if quant not in shipped_quants():
+            raise RecipeError(f"unknown QUANT {quant!r}; valid: {', '.join(shipped_quants())}")
+        path = RECIPES_DIR / f"{quant}.yaml"
+    if opts.variant:
+        get_variant(opts.variant)
+    sets = list(opts.sets)
+    # Make variables are overrides of single keys, like --set.
+    for key, value in (("load.variant", opts.variant), ("load.checkpoint", opts.checkpoint),
+                       ("data.eval", opts.data), ("data.calib", opts.calib)):
+        if value:
+            sets.insert(0, f"{key}={json.dumps(value)}")
+    recipe = load_recipe(path, SECTIONS, sets)
+    recipe.sections["load"].variant = get_variant(recipe.variant).name
+    for d in (recipe.sections["data"].eval, recipe.sections["data"].calib):
+        if d and not Path(d).is_dir():
+            raise RecipeError(f"data folder not found: {d}. DATA / CALIB must be folders of images "
+                              "(an ImageFolder: one sub-folder per class).")
+    return recipe
+
+
+def publish(folder: Path, records: dict, report: dict, md: str) -> None:
+    """Assemble the deploy folder beside its final place, then swap it in: a reader never
+    sees a half-written folder."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        export_dir = records["export"].dir if "export" in records else None
+        if export_dir:
+            for a in report["artifacts"]:
+                src = export_dir / a["path"]
+                (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp / a["path"])
+            shutil.copy2(export_dir / "labels.txt", tmp / "labels.txt")
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        (tmp / "report.md").write_text(md)
+        if folder.exists():
+            trash = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.rename(folder, trash)
+            os.rename(tmp, folder)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def deploy(opts: RunOptions, log: Callable[[str], None] = print) -> tuple[dict, Path]:
+    recipe = resolve_recipe(opts)
+    log(f"RepViT-{recipe.variant.upper()} · {recipe.quant} · recipe {recipe.name} "
+        f"({', '.join(recipe.sources)})")
+    stages = [STAGES[name] for name in recipe.stages]
+    records = run_stages(stages, recipe.sections, Cache(opts.artifacts / "cache"), set(opts.force), log)
+    if not records["load"].facts["weights"]["trained"]:
+        log(f"WARNING: {report_mod.UNTRAINED}: {records['load'].facts['weights']['reason']}")
+    folder = opts.artifacts / f"{recipe.variant}-{recipe.quant}"
+    # Sizes and digests are taken from the export stage's files, which publish copies.
+    rep = report_mod.build(recipe.variant, recipe.quant, recipe.name, records,
+                           records["export"].dir if "export" in records else folder)
+    publish(folder, records, rep, report_mod.markdown(rep))
+    return rep, folder
+
+
+def summary(rep: dict, folder: Path) -> str:
+    lines = [f"wrote {folder}/"]
+    for a in rep["artifacts"]:
+        fid, acc = a.get("fidelity") or {}, a.get("accuracy")
+        quality = (f"top-1 {100 * acc['top1']:.2f}% on {acc['n']}" if acc else
+                   f"agreement {100 * fid['top1_agreement']:.1f}%, SQNR {fid['sqnr_db']:.1f} dB" if fid else "")
+        lat = next((l for l in a["latency"] if l["target"].startswith("host (1 ")), None)
+        lat_s = f", host {lat['median_ms']:.2f} ms (1 thread, measured)" if lat else ""
+        lines.append(f"  {a['format']:7} {a['path']:34} {a['bytes'] / 1e6:7.2f} MB  {quality} "
+                     f"[{a['method']}]{lat_s}")
+    for s in rep["skipped"]:
+        lines.append(f"  {s['format']:7} not produced: {s['reason']}")
+    if not rep["weights"]["trained"]:
+        lines.append(f"WARNING: {report_mod.UNTRAINED}")
+    return "\n".join(lines)
+
+
+def log_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

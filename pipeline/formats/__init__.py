@@ -1,0 +1,79 @@
+"""Deployment formats behind one small interface.
+
+``export(model, ctx) -> ExportResult``: the fused (float) model and what the format needs
+to know -> an artifact on disk and facts for the report. A format that cannot express
+a scheme says why (``unsupported``) and is skipped: nothing is ever silently substituted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Protocol
+
+import numpy as np
+import torch
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+@dataclass
+class ExportContext:
+    scheme: str                      # fp32 | fp16 | int8 | ...
+    meta: dict                       # preprocessing, classes, weights (pipeline checkpoint meta)
+    variant: str
+    out_path: Path                   # where the artifact must be written
+    calibration: Optional[np.ndarray] = None   # uint8 NHWC crops
+    check_inputs: Optional[np.ndarray] = None  # uint8 NHWC natural crops for parity checks
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    facts: dict = field(default_factory=dict)
+
+
+class Exporter(Protocol):
+    name: str
+    suffix: str
+
+    def unsupported(self, scheme: str) -> Optional[str]:
+        """Why ``scheme`` cannot be expressed in this format, or None."""
+
+    def export(self, model: torch.nn.Module, ctx: ExportContext, cfg) -> ExportResult:
+        ...
+
+
+def normalized(pixels: np.ndarray, meta: dict) -> np.ndarray:
+    """uint8 NHWC -> float32 NCHW, normalized as the model expects."""
+    x = pixels.astype(np.float32) / 255.0
+    x = (x - np.asarray(meta["mean"], np.float32)) / np.asarray(meta["std"], np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """max |diff| relative to max |reference| and top-1 agreement."""
+    diff = float(np.abs(reference - candidate).max())
+    scale = float(np.abs(reference).max())
+    return {"max_abs_diff": diff, "max_abs_logit": scale, "relative": diff / max(scale, 1e-12),
+            "top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
+            "n": int(len(reference))}
+
+
+def torch_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model.eval()(torch.from_numpy(x)).numpy()
+
+
+def get_exporter(name: str) -> Exporter:
+    if name == "onnx":
+        from .onnx import OnnxExporter
+        return OnnxExporter()
+    if name == "coreml":
+        from .coreml import CoreMLExporter
+        return CoreMLExporter()
+    if name == "tflite":
+        from .tflite import TFLiteExporter
+        return TFLiteExporter()
+    raise ExportError(f"unknown format {name!r}; formats: coreml, onnx, tflite")

@@ -1,0 +1,190 @@
+"""Core ML: an ML program classifier that takes an RGB image and returns labels with
+probabilities, with the metadata Xcode shows.
+
+Normalization is inside the model: the image input scales by 1/255 and adds -mean
+(``ct.ImageType`` allows only one scale), and the per-channel 1/std is folded into the
+stem convolution's input channels. That is exact: the mean is removed before the
+convolution's zero padding, so padding sees the same zeros as in PyTorch, unlike the
+single averaged std that common examples pass as the image scale.
+"""
+from __future__ import annotations
+
+import copy
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..quiet import quiet
+from . import ExportContext, ExportError, ExportResult, normalized, parity, torch_logits
+
+TARGETS = ("iOS16", "iOS17", "iOS18")
+PREVIEW_KEY = "com.apple.coreml.model.preview.type"
+
+
+@dataclass
+class CoreMLConfig:
+    deployment_target: Literal["iOS16", "iOS17", "iOS18"] = "iOS17"
+    # None: fp16 (Core ML's default and what the Neural Engine runs), fp32 for scheme fp32.
+    precision: Optional[Literal["fp16", "fp32"]] = None
+    author: str = "repvit-pipeline"
+    license: Optional[str] = None        # default: the weights' license
+    version: str = "1.0"
+    # Simulated parity gate for the fp32 program (interpreter vs PyTorch probabilities).
+    tolerance: float = 1e-4
+
+
+class CoreMLClassifier(nn.Module):
+    """fused RepViT with 1/std folded into the stem and a softmax on top. Its input is
+    ``pixel/255 - mean`` (what the image input produces)."""
+
+    def __init__(self, fused: nn.Module, std: list[float]):
+        super().__init__()
+        self.model = copy.deepcopy(fused).eval()
+        stem = self.model.features[0][0]
+        if not isinstance(stem, nn.Conv2d):
+            raise ExportError("Core ML export needs the fused model (stem is not a plain Conv2d)")
+        with torch.no_grad():
+            stem.weight.div_(torch.tensor(std, dtype=stem.weight.dtype).reshape(1, 3, 1, 1))
+
+    def forward(self, x):
+        return torch.softmax(self.model(x), dim=1)
+
+
+def precision_of(ctx: ExportContext, cfg: CoreMLConfig) -> str:
+    return cfg.precision or ("fp32" if ctx.scheme == "fp32" else "fp16")
+
+
+def image_probabilities(path: Path, pixels: np.ndarray) -> np.ndarray:
+    """Class probabilities for uint8 NHWC ``pixels`` from the MIL interpreter (simulated)."""
+    from ..runtimes.mil import MilInterpreter
+
+    interp = MilInterpreter(path)
+    x = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2).astype(np.float32))
+    return np.concatenate([interp.run(x[i:i + 1]) for i in range(len(x))])
+
+
+def _set_metadata(ml, ctx: ExportContext, cfg: CoreMLConfig, precision: str) -> None:
+    m = ctx.meta
+    weights = m.get("weights", {})
+    ml.short_description = (f"RepViT-{ctx.variant.upper()} image classifier ({len(m['classes'])} "
+                            f"classes), {ctx.scheme}, {precision} compute. Input: RGB "
+                            f"{m['input_size']}x{m['input_size']} centre crop.")
+    ml.author = cfg.author
+    ml.license = cfg.license or ("Apache-2.0 (RepViT official weights)"
+                                 if str(weights.get("source", "")).startswith("official") else
+                                 "see the weights' source")
+    ml.version = cfg.version
+    ml.input_description["image"] = (f"RGB image, {m['input_size']}x{m['input_size']}: resize the "
+                                     f"shorter side to {int(m['input_size'] / m['crop_pct'])} "
+                                     f"({m['interpolation']}) and centre-crop")
+    ml.output_description["classLabel"] = "Most likely class"
+    ml.output_description["classLabel_probs"] = "Probability of each class (softmax)"
+    ud = ml.user_defined_metadata
+    ud[PREVIEW_KEY] = "imageClassifier"
+    ud.update({"variant": ctx.variant, "scheme": ctx.scheme, "mean": str(m["mean"]), "std": str(m["std"]),
+               "crop_pct": str(m["crop_pct"]), "weights_sha256": str(weights.get("sha256")),
+               "weights_trained": str(weights.get("trained"))})
+
+
+class CoreMLExporter:
+    name, suffix = "coreml", ".mlpackage"
+
+    def unsupported(self, scheme: str) -> Optional[str]:
+        if scheme not in ("fp32", "fp16"):
+            return f"{scheme} for Core ML is not available in this version"
+        return None
+
+    def export(self, model: nn.Module, ctx: ExportContext, cfg: CoreMLConfig) -> ExportResult:
+        with quiet():
+            import coremltools as ct
+
+        m = ctx.meta
+        size = m["input_size"]
+        precision = precision_of(ctx, cfg)
+        wrapped = CoreMLClassifier(model, m["std"]).eval()
+        with quiet():
+            traced = torch.jit.trace(wrapped, torch.zeros(1, 3, size, size))
+            try:
+                ml = ct.convert(
+                    traced, convert_to="mlprogram",
+                    inputs=[ct.ImageType(name="image", shape=(1, 3, size, size), scale=1 / 255.0,
+                                         bias=[-v for v in m["mean"]], color_layout=ct.colorlayout.RGB)],
+                    classifier_config=ct.ClassifierConfig(list(m["classes"])),
+                    minimum_deployment_target=getattr(ct.target, cfg.deployment_target),
+                    compute_precision=(ct.precision.FLOAT16 if precision == "fp16"
+                                       else ct.precision.FLOAT32),
+                    skip_model_load=True)
+            except Exception as e:
+                raise ExportError(f"Core ML conversion failed: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        _set_metadata(ml, ctx, cfg, precision)
+        ml.save(str(ctx.out_path))
+        facts = {"deployment_target": cfg.deployment_target, "compute_precision": precision,
+                 "input": f"image RGB {size}x{size}", "outputs": ["classLabel", "classLabel_probs"]}
+        facts.update(check_package(ctx.out_path, model, ctx, precision))
+        if ctx.check_inputs is not None:
+            ref = torch_logits(model, normalized(ctx.check_inputs, m))
+            ref = torch.softmax(torch.from_numpy(ref), 1).numpy()
+            p = parity(ref, image_probabilities(ctx.out_path, ctx.check_inputs))
+            p["runtime"] = ("simulated: MIL program read back and interpreted in PyTorch at its "
+                            f"declared precision ({precision}), vs PyTorch float32 probabilities")
+            if precision == "fp32" and p["relative"] > cfg.tolerance:
+                raise ExportError(f"Core ML parity (simulated) failed: max |diff| {p['max_abs_diff']:.3g}")
+            facts["parity"] = p
+        facts["host"] = platform.system()
+        return ExportResult(ctx.out_path, facts)
+
+
+def check_package(path: Path, fused: nn.Module, ctx: ExportContext, precision: str) -> dict:
+    """Read the saved package back and check what an app relies on; raises on mismatch."""
+    from ..runtimes.mil import MilInterpreter
+
+    interp = MilInterpreter(path)
+    desc = interp.spec.description
+    problems = []
+    if [i.name for i in desc.input] != ["image"] or desc.input[0].type.WhichOneof("Type") != "imageType":
+        problems.append("input is not the image 'image'")
+    if {o.name for o in desc.output} != {"classLabel", "classLabel_probs"}:
+        problems.append(f"outputs are {[o.name for o in desc.output]}")
+    classify = [op for op in interp.ops if op.op_type == "classify"]
+    got_labels = list(classify[0].inputs["classes"].val) if classify else []
+    if [str(c) for c in got_labels] != [str(c) for c in ctx.meta["classes"]]:
+        problems.append("class labels differ from the model's classes")
+    counts = interp.op_counts()
+    n_convs = sum(isinstance(mod, nn.Conv2d) for mod in fused.modules())
+    if counts.get("batch_norm"):
+        problems.append(f"{counts['batch_norm']} batch_norm op(s) left")
+    if counts.get("conv", 0) != n_convs:
+        problems.append(f"{counts.get('conv', 0)} conv ops for {n_convs} fused convolutions")
+    # Weights read back vs the fused PyTorch weights (stem after the 1/std folding).
+    expected = CoreMLClassifier(fused, ctx.meta["std"]).model
+    torch_convs = [mod for mod in expected.modules() if isinstance(mod, nn.Conv2d)]
+    mil_convs = [op for op in interp.ops if op.op_type == "conv"]
+    worst = 0.0
+    for op, conv in zip(mil_convs, torch_convs):
+        w = interp.consts[op.inputs["weight"].name].numpy()
+        ref = conv.weight.detach().numpy()
+        if w.shape != ref.shape:
+            problems.append(f"conv {op.name}: weight shape {w.shape} vs {ref.shape}")
+            continue
+        # fp16 rounding: relative 2^-11 of the value, plus fp16's subnormal floor.
+        tol = (np.abs(ref) * 2.0 ** -10 + 6e-8) if precision == "fp16" else 1e-7 + 1e-6 * np.abs(ref)
+        worst = max(worst, float((np.abs(w - ref) / (tol + 1e-30)).max()))
+    if worst > 1.0:
+        problems.append(f"conv weights read back differ from the fused weights by {worst:.2f}x "
+                        "the rounding tolerance")
+    stored = {"fp16" if any(op.outputs[0].dtype.__name__ == "fp16" for op in mil_convs) else "fp32"}
+    if stored != {precision}:
+        problems.append(f"conv ops compute in {stored.pop()}, expected {precision}")
+    if interp.spec.description.metadata.userDefined.get(PREVIEW_KEY) != "imageClassifier":
+        problems.append("the Xcode image-classifier preview key is missing")
+    if problems:
+        raise ExportError("Core ML package check failed: " + "; ".join(problems))
+    return {"ops": {k: v for k, v in counts.items() if k != "const"},
+            "weights_vs_fused": f"within {'fp16' if precision == 'fp16' else 'fp32'} rounding "
+                                f"({worst:.2f} of tolerance)", "labels": len(got_labels)}

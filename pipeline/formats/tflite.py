@@ -1,0 +1,122 @@
+"""TFLite (LiteRT): litert-torch conversion with a channels-last (NHWC) input, so an
+Android app feeds its bitmap without a transpose; fp16 weights through
+ai-edge-quantizer's float-casting recipe."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..quiet import quiet
+from . import ExportContext, ExportError, ExportResult, normalized, parity, torch_logits
+
+
+@dataclass
+class TFLiteConfig:
+    tolerance: float = 1e-4     # fp32 parity gate, relative to max |logit|
+
+
+def interpreter(path: Path, threads: int = 1):
+    from ai_edge_litert.interpreter import Interpreter
+
+    with quiet():  # "Created TensorFlow Lite XNNPACK delegate" on fd 2
+        it = Interpreter(model_path=str(path), num_threads=threads)
+    it.allocate_tensors()
+    return it
+
+
+def run_tflite(path: Path, x_nchw: np.ndarray, threads: int = 1) -> np.ndarray:
+    it = interpreter(path, threads)
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    outs = []
+    for i in range(len(x_nchw)):
+        it.set_tensor(inp["index"], np.ascontiguousarray(x_nchw[i:i + 1].transpose(0, 2, 3, 1)))
+        it.invoke()
+        outs.append(it.get_tensor(out["index"]).copy())
+    return np.concatenate(outs)
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.ModelT.InitFromPackedBuf(Path(path).read_bytes(), 0)
+    names = {v: k for k, v in schema.BuiltinOperator.__dict__.items() if not k.startswith("_")}
+    counts: dict[str, int] = {}
+    for sg in m.subgraphs:
+        for op in sg.operators:
+            code = m.operatorCodes[op.opcodeIndex]
+            name = names.get(max(code.builtinCode, code.deprecatedBuiltinCode), str(code.builtinCode))
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+class TFLiteExporter:
+    name, suffix = "tflite", ".tflite"
+
+    def unsupported(self, scheme: str) -> Optional[str]:
+        if scheme.startswith("pal"):
+            return "TFLite has no palettized (look-up-table) weight type"
+        if scheme not in ("fp32", "fp16"):
+            return f"{scheme} for TFLite is not available in this version"
+        return None
+
+    def export(self, model: torch.nn.Module, ctx: ExportContext, cfg: TFLiteConfig) -> ExportResult:
+        with quiet():
+            import litert_torch
+
+        size = ctx.meta["input_size"]
+        path = ctx.out_path
+        nhwc = litert_torch.to_channel_last_io(model.eval(), args=[0]).eval()
+        try:
+            with quiet():
+                edge = litert_torch.convert(nhwc, (torch.zeros(1, size, size, 3),))
+                float_path = path.with_name(path.stem + ".float.tflite")
+                edge.export(str(float_path))
+        except Exception as e:
+            raise ExportError(f"TFLite conversion failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        if ctx.scheme == "fp16":
+            self._fp16(float_path, path)
+            float_path.unlink()
+        else:
+            os.replace(float_path, path)
+        facts = {"input_layout": "NHWC float32, RGB, (pixel/255 - mean) / std",
+                 "weights": "float16" if ctx.scheme == "fp16" else "float32", "ops": op_counts(path),
+                 "metadata": {"labels": "labels.txt beside the model", "mean": ctx.meta["mean"],
+                              "std": ctx.meta["std"], "crop_pct": ctx.meta["crop_pct"],
+                              "variant": ctx.variant}}
+        if ctx.check_inputs is not None:
+            x = normalized(ctx.check_inputs, ctx.meta)
+            p = parity(torch_logits(model, x), run_tflite(path, x))
+            p["runtime"] = "LiteRT interpreter CPU (measured), vs PyTorch float32"
+            if ctx.scheme == "fp32" and p["relative"] > cfg.tolerance:
+                raise ExportError(f"TFLite parity failed: max |diff| {p['max_abs_diff']:.3g} > "
+                                  f"{cfg.tolerance:g} x max |logit| {p['max_abs_logit']:.3g}")
+            facts["parity"] = p
+        return ExportResult(path, facts)
+
+    @staticmethod
+    def _fp16(src: Path, dst: Path) -> None:
+        from ai_edge_quantizer import quantizer
+
+        with quiet():
+            q = quantizer.Quantizer(str(src), _float16_recipe())
+            result = q.quantize()
+            result.export_model(str(dst))
+
+
+def _float16_recipe() -> list:
+    """ai-edge-quantizer's float-casting recipe: weights stored as float16, compute float32."""
+    return [{
+        "regex": ".*",
+        "operation": "*",
+        "algorithm_key": "float_casting",
+        "op_config": {
+            "weight_tensor_config": {"num_bits": 16, "dtype": "FLOAT"},
+            "compute_precision": "FLOAT",
+            "explicit_dequantize": True,
+        },
+    }]

@@ -1,0 +1,140 @@
+"""report.json (for programs) and report.md (for people) of one deploy."""
+from __future__ import annotations
+
+import hashlib
+import platform
+from pathlib import Path
+from typing import Any, Optional
+
+UNTRAINED = "untrained weights: accuracy figures are meaningless"
+
+
+def tree_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def tree_sha256(path: Path) -> str:
+    """sha256 of a file, or of a folder (an .mlpackage) as its sorted relative paths and contents."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def build(variant: str, quant: str, recipe_name: str, records: dict, out_dir: Path) -> dict:
+    """The report contract. ``records`` are the runner's StageRecords by stage name."""
+    load = records["load"].facts
+    exported = records["export"].facts if "export" in records else {"artifacts": []}
+    validated = records["validate"].facts if "validate" in records else {}
+    by_format = {a["format"]: a for a in validated.get("artifacts", [])}
+    artifacts, skipped = [], []
+    for a in exported["artifacts"]:
+        if not a.get("path"):
+            skipped.append({"format": a["format"], "reason": a["skipped"]})
+            continue
+        path = out_dir / a["path"]
+        v = by_format.get(a["format"], {})
+        artifacts.append({
+            "format": a["format"], "path": a["path"], "bytes": tree_bytes(path), "sha256": tree_sha256(path),
+            "runtime": v.get("runtime"), "method": v.get("method"),
+            "accuracy": v.get("accuracy"), "fidelity": v.get("fidelity"), "latency": v.get("latency", []),
+            "export": {k: val for k, val in a.items() if k not in ("format", "path")}})
+    weights = load["weights"]
+    notes = []
+    if not weights["trained"]:
+        notes.append(f"{UNTRAINED} ({weights['reason']})")
+    if any(a["method"] == "simulated" for a in artifacts):
+        notes.append("Core ML results are simulated: Core ML cannot run on this OS, so the saved ML "
+                     "program was read back and interpreted in PyTorch at its declared precision. "
+                     "Run the pipeline on macOS for measured Core ML figures.")
+    return {
+        "variant": variant, "quant": quant, "recipe": recipe_name,
+        "weights": {"source": weights["source"], "sha256": weights["sha256"], "trained": weights["trained"],
+                    "reason": weights.get("reason") or None},
+        "preprocess": validated.get("preprocess") or {k: load.get(k) for k in
+                                                      ("input_size", "crop_pct", "interpolation", "mean", "std")},
+        "data": {"eval": validated.get("eval_images"), "calibration": _calibration(records)},
+        "reference": validated.get("reference"),
+        "stages": [{"name": r.name, "key": r.key, "cache_hit": r.cache_hit, "seconds": round(r.seconds, 3)}
+                   for r in records.values()],
+        "artifacts": artifacts, "skipped": skipped, "notes": notes,
+        "host": {"os": f"{platform.system()} {platform.release()}", "machine": platform.machine(),
+                 "python": platform.python_version()},
+    }
+
+
+def _calibration(records: dict) -> str:
+    q = records["quantize"].facts if "quantize" in records else {}
+    cal = q.get("calibration")
+    if cal:
+        return f"{cal['images']}: {cal['source']}"
+    return f"none ({q.get('scheme', 'this scheme')} needs no calibration)"
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def _lat(latency: list, prefix: str) -> str:
+    for l in latency:
+        if l["target"].startswith(prefix):
+            return f"{l['median_ms']:.2f} ({l['method']})"
+    return "-"
+
+
+def markdown(r: dict) -> str:
+    title = f"# RepViT-{r['variant'].upper()} · {r['quant']}\n"
+    lines = [title]
+    if not r["weights"]["trained"]:
+        lines.append(f"> **{UNTRAINED}.** {r['weights']['reason']}\n")
+    for n in r["notes"]:
+        if not n.startswith(UNTRAINED):
+            lines.append(f"> {n}\n")
+    w, p = r["weights"], r["preprocess"]
+    lines += [f"- Weights: `{w['source']}` (sha256 `{w['sha256']}`, trained: {w['trained']})",
+              f"- Preprocessing: {p['input_size']}px, crop_pct {p['crop_pct']}, {p['interpolation']}, "
+              f"mean {p['mean']}, std {p['std']}",
+              f"- Evaluation images: {r['data']['eval']}",
+              f"- Calibration images: {r['data']['calibration']}", ""]
+    ref = r.get("reference") or {}
+    if ref.get("accuracy"):
+        a = ref["accuracy"]
+        lines.append(f"Float reference ({ref['runtime']}): top-1 {_pct(a['top1'])}%, top-5 "
+                     f"{_pct(a['top5'])}% on {a['n']} images (measured).\n")
+    lines += ["## Artifacts", "",
+              "| format | file | size MB | top-1 % | top-5 % | top-1 agreement % | cosine | SQNR dB | "
+              "host ms, 1 thread | host ms, all threads | how |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for a in r["artifacts"]:
+        acc, fid = a.get("accuracy") or {}, a.get("fidelity") or {}
+        lines.append(
+            f"| {a['format']} | `{a['path']}` | {a['bytes'] / 1e6:.2f} | {_pct(acc.get('top1'))} | "
+            f"{_pct(acc.get('top5'))} | {_pct(fid.get('top1_agreement'))} | "
+            f"{fid['cosine']:.5f} | {fid['sqnr_db']:.1f} | {_lat(a['latency'], 'host (1 ')} | "
+            f"{_lat([l for l in a['latency'] if not l['target'].startswith('host (1 ')], 'host')} | "
+            f"{a['method']}: {a['runtime']} |" if fid else
+            f"| {a['format']} | `{a['path']}` | {a['bytes'] / 1e6:.2f} | - | - | - | - | - | - | - | not validated |")
+    lines.append("")
+    lines.append("Fidelity is against the fused float PyTorch model on the same images (logits; "
+                 "probabilities for Core ML, whose model ends in a softmax). Host latency: batch 1, "
+                 "median; the CPU is named in report.json.\n")
+    if r["skipped"]:
+        lines += ["## Not produced", ""] + [f"- {s['format']}: {s['reason']}" for s in r["skipped"]] + [""]
+    lines += ["## Export checks", ""]
+    for a in r["artifacts"]:
+        e = a["export"]
+        par = e.get("parity")
+        desc = (f"parity vs PyTorch on {par['n']} natural images: max |diff| {par['max_abs_diff']:.3g} "
+                f"({par['relative']:.2e} of max |output|), top-1 agreement {_pct(par['top1_agreement'])}% "
+                f"[{par['runtime']}]") if par else "no parity check"
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(e.get("ops", {}).items()))
+        lines.append(f"- **{a['format']}**: {desc}. Ops: {ops}.")
+    lines += ["", "## Stages", "", "| stage | key | cached | seconds |", "|---|---|---|---:|"]
+    lines += [f"| {s['name']} | `{s['key'][:12]}` | {'yes' if s['cache_hit'] else 'no'} | {s['seconds']:.1f} |"
+              for s in r["stages"]]
+    return "\n".join(lines) + "\n"

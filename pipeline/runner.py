@@ -1,0 +1,200 @@
+"""Runs an ordered list of stages with content-addressed caching.
+
+Knows nothing of models, formats or runtimes: a stage is a function
+``run(config, inputs, out_dir, **other_sections) -> facts`` where ``inputs`` maps the
+names of the stages it needs to their output folders, and ``facts`` is JSON data.
+
+Each output lives in ``<cache>/<stage>/<key>/`` where the key hashes the stage name, its
+config (and the other sections it reads), its inputs' keys, a fingerprint of the
+external content it reads (checkpoint bytes, data listings), library versions and the
+source of the code that implements it. Outputs are written in a temporary folder and
+renamed into place, under a per-entry file lock: an entry either exists whole or not
+at all, whatever kills the process, and concurrent runs never write one entry twice.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib
+import importlib.metadata
+import inspect
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from .config import to_dict
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[..., dict]
+    needs: tuple[str, ...] = ()
+    sections: tuple[str, ...] = ()      # other recipe sections passed as keyword arguments
+    fingerprint: Optional[Callable[..., dict]] = None
+    code: tuple[str, ...] = ()          # modules whose source is part of the key
+    libraries: tuple[str, ...] = ()     # distributions whose versions are part of the key
+
+
+@dataclass
+class StageRecord:
+    name: str
+    key: str
+    cache_hit: bool
+    seconds: float
+    dir: Path
+    facts: dict = field(default_factory=dict)
+
+
+def _versions(libraries: tuple[str, ...]) -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for lib in libraries:
+        try:
+            out[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            out[lib] = "absent"
+    return out
+
+
+def _code_hash(modules: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(modules):
+        h.update(inspect.getsource(importlib.import_module(name)).encode())
+    return h.hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stage_key(stage: Stage, config: Any, others: dict[str, Any], input_keys: dict[str, str],
+              fingerprint: dict) -> tuple[str, dict]:
+    payload = {"stage": stage.name, "config": to_dict(config),
+               "sections": {k: to_dict(v) for k, v in sorted(others.items())},
+               "inputs": input_keys, "fingerprint": fingerprint,
+               "versions": _versions(stage.libraries), "code": _code_hash(stage.code)}
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20], payload
+
+
+class Cache:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def entry(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def has(self, stage: str, key: str) -> bool:
+        return (self.entry(stage, key) / MANIFEST).is_file()
+
+    def manifest(self, stage: str, key: str) -> dict:
+        return json.loads((self.entry(stage, key) / MANIFEST).read_text())
+
+    @contextlib.contextmanager
+    def lock(self, stage: str, key: str) -> Iterator[None]:
+        d = self.root / stage
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / f".{key}.lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def entries(self) -> list[dict]:
+        out = []
+        for m in sorted(self.root.glob(f"*/*/{MANIFEST}")):
+            data = json.loads(m.read_text())
+            size = sum(p.stat().st_size for p in m.parent.rglob("*") if p.is_file())
+            out.append({"stage": data["stage"], "key": data["key"], "bytes": size,
+                        "created": data["created"], "dir": str(m.parent)})
+        return out
+
+    def clean(self, older_than_s: Optional[float] = None) -> int:
+        """Remove entries (all, or those created more than ``older_than_s`` ago)."""
+        removed = 0
+        now = time.time()
+        for e in self.entries():
+            if older_than_s is None or now - e["created"] > older_than_s:
+                with self.lock(e["stage"], e["key"]):
+                    shutil.rmtree(e["dir"], ignore_errors=True)
+                removed += 1
+        return removed
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place; an existing one (a forced re-run) is swapped out."""
+    if final.exists():
+        trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
+def run_stage(stage: Stage, config: Any, others: dict[str, Any], inputs: dict[str, StageRecord],
+              cache: Cache, force: bool = False, log: Callable[[str], None] = print,
+              position: str = "") -> StageRecord:
+    fingerprint = stage.fingerprint(config, **others) if stage.fingerprint else {}
+    key, payload = stage_key(stage, config, others, {n: r.key for n, r in inputs.items()}, fingerprint)
+    final = cache.entry(stage.name, key)
+    label = f"{position}{stage.name:<9}"
+    if not force and cache.has(stage.name, key):
+        log(f"{label} cached   ({key[:12]})")
+        return StageRecord(stage.name, key, True, 0.0, final, cache.manifest(stage.name, key)["facts"])
+    with cache.lock(stage.name, key):
+        if not force and cache.has(stage.name, key):  # another process made it meanwhile
+            log(f"{label} cached   ({key[:12]}, made by a concurrent run)")
+            return StageRecord(stage.name, key, True, 0.0, final, cache.manifest(stage.name, key)["facts"])
+        for stale in final.parent.glob(f".tmp-{key}-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=final.parent))
+        log(f"{label} running  ({key[:12]})")
+        start = time.perf_counter()
+        try:
+            facts = stage.run(config, {n: r.dir for n, r in inputs.items()}, tmp, **others) or {}
+            seconds = time.perf_counter() - start
+            outputs = [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": _sha256(p)}
+                       for p in sorted(tmp.rglob("*")) if p.is_file()]
+            manifest = {**payload, "key": key, "facts": facts, "outputs": outputs,
+                        "seconds": round(seconds, 3), "created": time.time()}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+            _publish(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    log(f"{label} done in {seconds:.1f} s")
+    return StageRecord(stage.name, key, False, seconds, final, facts)
+
+
+def run_stages(stages: list[Stage], sections: dict[str, Any], cache: Cache,
+               force: set[str] = frozenset(), log: Callable[[str], None] = print) -> dict[str, StageRecord]:
+    records: dict[str, StageRecord] = {}
+    unknown = set(force) - {s.name for s in stages}
+    if unknown:
+        raise ValueError(f"--force {', '.join(sorted(unknown))}: not a stage of this recipe "
+                         f"({', '.join(s.name for s in stages)})")
+    for i, stage in enumerate(stages, 1):
+        missing = [n for n in stage.needs if n not in records]
+        if missing:
+            raise ValueError(f"stage {stage.name!r} needs {', '.join(missing)} to run before it")
+        inputs = {n: records[n] for n in stage.needs}
+        others = {s: sections[s] for s in stage.sections}
+        records[stage.name] = run_stage(stage, sections[stage.name], others, inputs, cache,
+                                        force=stage.name in force, log=log,
+                                        position=f"[{i}/{len(stages)}] ")
+    return records

@@ -1,0 +1,184 @@
+"""Executes a saved Core ML ML program on any OS, by reading its MIL program back.
+
+Core ML cannot run on Linux. This interpreter covers the MIL ops that RepViT programs
+contain, in PyTorch: every op computes in float32 and its result is rounded to the
+dtype the program declares for it (fp16 programs store every intermediate as fp16),
+which is how fp16 programs are simulated. Compressed weights (palettized, int8) are
+expanded with coremltools' own ``materialized_val_inference``. Results from here are
+``simulated``: the real Core ML runtime (macOS) may differ in accumulation order.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class MilError(RuntimeError):
+    pass
+
+
+def load_program(path: Path):
+    """(spec, MIL program) of a saved ``.mlpackage``, without Core ML."""
+    from ..quiet import quiet
+
+    with quiet():
+        import coremltools as ct
+        from coremltools.converters.mil.frontend.milproto import load as milproto
+
+    model = ct.models.MLModel(str(path), skip_model_load=True)
+    spec = model.get_spec()
+    prog = milproto.load(model_spec=spec, specification_version=spec.specificationVersion,
+                         file_weights_dir=model.weights_dir)
+    return spec, prog
+
+
+def _is_fp16(var) -> bool:
+    from coremltools.converters.mil.mil import types
+
+    return var.dtype == types.fp16
+
+
+def _const_value(op) -> np.ndarray | Any:
+    if op.op_type == "const":
+        return op.outputs[0].val
+    return op.materialized_val_inference()  # constexpr_*: palettized / quantized weights
+
+
+class MilInterpreter:
+    def __init__(self, path: Path):
+        self.spec, self.prog = load_program(path)
+        self.main = self.prog.functions["main"]
+        self.ops = list(self.main.operations)
+        self.input_name = next(iter(self.main.inputs))
+        self.consts: dict[str, torch.Tensor | Any] = {}
+        for op in self.ops:
+            if op.op_type == "const" or op.op_type.startswith("constexpr_"):
+                v = _const_value(op)
+                self.consts[op.outputs[0].name] = (torch.from_numpy(np.asarray(v, dtype=np.float32))
+                                                   if isinstance(v, np.ndarray) and v.dtype.kind == "f"
+                                                   else v)
+
+    def op_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for op in self.ops:
+            counts[op.op_type] = counts.get(op.op_type, 0) + 1
+        return counts
+
+    @torch.no_grad()
+    def run(self, image: np.ndarray) -> np.ndarray:
+        """``image``: float NCHW 0..255 RGB (what Core ML makes of an image input). Returns
+        the tensor the program feeds its ``classify`` op (probabilities), or its output."""
+        env: dict[str, Any] = dict(self.consts)
+        env[self.input_name] = torch.from_numpy(np.asarray(image, np.float32))
+        result = None
+        for op in self.ops:
+            if op.op_type == "const" or op.op_type.startswith("constexpr_"):
+                continue
+            if op.op_type == "classify":
+                result = env[op.inputs["probabilities"].name]
+                continue
+            out = self._eval(op, env)
+            var = op.outputs[0]
+            if isinstance(out, torch.Tensor) and out.is_floating_point():
+                out = out.to(torch.float16).to(torch.float32) if _is_fp16(var) else out.float()
+            env[var.name] = out
+        if result is None:
+            result = env[self.main.outputs[0].name]
+        return result.numpy()
+
+    def _eval(self, op, env) -> Any:
+        t = op.op_type
+        a = lambda name: self._arg(op, name, env)  # noqa: E731
+        if t in ("add", "mul", "sub", "real_div"):
+            fn = {"add": torch.add, "mul": torch.mul, "sub": torch.sub, "real_div": torch.div}[t]
+            return fn(a("x"), a("y"))
+        if t == "cast":
+            return a("x")  # rounding to the declared dtype happens in run()
+        if t == "conv":
+            return self._conv(op, env)
+        if t == "gelu":
+            mode = self._val(op, "mode", env) or "EXACT"
+            if mode == "EXACT":
+                return F.gelu(a("x"))
+            if mode == "TANH_APPROXIMATION":
+                return F.gelu(a("x"), approximate="tanh")
+            x = a("x")
+            return x * torch.sigmoid(1.702 * x)
+        if t == "relu":
+            return F.relu(a("x"))
+        if t == "sigmoid":
+            return torch.sigmoid(a("x"))
+        if t == "reduce_mean":
+            axes = [int(v) for v in np.atleast_1d(self._val(op, "axes", env))]
+            return a("x").mean(dim=axes, keepdim=bool(self._val(op, "keep_dims", env)))
+        if t == "reshape":
+            return a("x").reshape([int(v) for v in self._val(op, "shape", env)])
+        if t == "linear":
+            bias = a("bias") if "bias" in op.inputs else None
+            return F.linear(a("x"), a("weight"), bias)
+        if t == "softmax":
+            return torch.softmax(a("x"), dim=int(self._val(op, "axis", env)))
+        if t == "quantize":
+            return self._quantize(op, env)
+        if t == "dequantize":
+            return self._dequantize(op, env)
+        raise MilError(f"MIL op {t!r} ({op.name}) is not supported by the interpreter")
+
+    def _arg(self, op, name, env):
+        v = env[op.inputs[name].name]
+        return v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v, np.float32))
+
+    def _val(self, op, name, env):
+        if name not in op.inputs:
+            return None
+        v = env.get(op.inputs[name].name, op.inputs[name].val)
+        return v.numpy() if isinstance(v, torch.Tensor) else v
+
+    def _conv(self, op, env):
+        x, w = self._arg(op, "x", env), self._arg(op, "weight", env)
+        bias = self._arg(op, "bias", env) if "bias" in op.inputs else None
+        strides = [int(s) for s in self._val(op, "strides", env)]
+        dil = [int(d) for d in self._val(op, "dilations", env)]
+        groups = int(self._val(op, "groups", env))
+        pad_type = self._val(op, "pad_type", env)
+        if pad_type == "custom":
+            top, bottom, left, right = [int(p) for p in self._val(op, "pad", env)]
+        elif pad_type == "valid":
+            top = bottom = left = right = 0
+        elif pad_type == "same":
+            (kh, kw), (h, wd) = w.shape[2:], x.shape[2:]
+            ph = max((math.ceil(h / strides[0]) - 1) * strides[0] + (kh - 1) * dil[0] + 1 - h, 0)
+            pw = max((math.ceil(wd / strides[1]) - 1) * strides[1] + (kw - 1) * dil[1] + 1 - wd, 0)
+            top, bottom, left, right = ph // 2, ph - ph // 2, pw // 2, pw - pw // 2
+        else:
+            raise MilError(f"conv pad_type {pad_type!r} is not supported")
+        x = F.pad(x, [left, right, top, bottom])
+        return F.conv2d(x, w, bias, stride=strides, dilation=dil, groups=groups)
+
+    def _qparams(self, op, env, x):
+        scale = torch.as_tensor(np.asarray(self._val(op, "scale", env), np.float32))
+        zp = self._val(op, "zero_point", env)
+        zp = torch.zeros_like(scale) if zp is None else torch.as_tensor(np.asarray(zp, np.float32))
+        axis = self._val(op, "axis", env)
+        if scale.dim() == 1 and scale.numel() > 1 and axis is not None:
+            shape = [1] * x.dim()
+            shape[int(axis)] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        return scale, zp
+
+    def _quantize(self, op, env):
+        x = self._arg(op, "input", env)
+        scale, zp = self._qparams(op, env, x)
+        dtype = self._val(op, "output_dtype", env)
+        lo, hi = (-128, 127) if dtype == "int8" else (0, 255)
+        return torch.clamp(torch.round(x / scale) + zp, lo, hi)
+
+    def _dequantize(self, op, env):
+        x = self._arg(op, "input", env)
+        scale, zp = self._qparams(op, env, x)
+        return (x - zp) * scale

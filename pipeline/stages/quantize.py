@@ -1,0 +1,56 @@
+"""Stage 3: fix the compression scheme and prepare what it needs.
+
+Each format is quantized by its own tool on its own graph (onnxruntime on the ONNX
+graph, ai-edge-quantizer on the TFLite flatbuffer, coremltools on the ML program), so
+the per-format quantizers run inside ``export``. This stage chooses the calibration
+images (deterministically, with the deployment preprocessing, never the scored ones)
+and hands the fused model on; QAT (``qat-int8``) will train here.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+
+from ..checkpoints import parse, read_file
+from ..data import DataConfig, fingerprint_folder, calibration_pixels, resolve_sets
+from ..progress import Progress
+from .reparam import preprocess_of
+
+Scheme = Literal["fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8", "qat-int8"]
+CALIBRATED = {"int8", "qat-int8"}
+IMPLEMENTED = {"fp32", "fp16"}
+
+
+@dataclass
+class QuantizeConfig:
+    scheme: Scheme = "fp32"
+    # Allowed loss: top-1 points with labels, agreement points without.
+    max_drop: Optional[float] = None
+
+
+def fingerprint(cfg: QuantizeConfig, data: DataConfig) -> dict:
+    if cfg.scheme not in CALIBRATED:
+        return {}
+    return {"calib": fingerprint_folder(data.calib), "eval": fingerprint_folder(data.eval)}
+
+
+def run(cfg: QuantizeConfig, inputs: dict, out_dir: Path, data: DataConfig) -> dict:
+    if cfg.scheme not in IMPLEMENTED:
+        raise NotImplementedError(
+            f"scheme {cfg.scheme!r} is not available in this version of the pipeline "
+            f"(available: {', '.join(sorted(IMPLEMENTED))})")
+    shutil.copyfile(inputs["reparam"] / "fused.pt", out_dir / "model.pt")
+    facts = {"scheme": cfg.scheme, "max_drop": cfg.max_drop, "calibration": None}
+    if cfg.scheme in CALIBRATED:
+        ckpt = parse(read_file(out_dir / "model.pt"))
+        sets = resolve_sets(data, ckpt.meta["classes"])
+        n = len(sets.calib) if sets.calib is not None else data.calib_images
+        with Progress(min(n, data.calib_images), "calibration images") as bar:
+            pixels = calibration_pixels(sets, data, preprocess_of(ckpt.meta), bar.update)
+        np.save(out_dir / "calibration_pixels.npy", pixels)
+        facts["calibration"] = {"images": int(len(pixels)), "source": sets.calib_description}
+    return facts
