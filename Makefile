@@ -3,20 +3,21 @@ PYTHON  ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 VARIANT ?= m0.9
-QUANT   ?= int8
-QUANTS  ?= fp32 fp16 int8 w8 pal6 pal4
+QUANT   ?= fp16
+QUANTS  ?= fp32 fp16
 CKPT    ?= official
 DATA    ?=
 CALIB   ?=
 RECIPE  ?=
 SET     ?=
 FORCE   ?=
+ARTIFACTS ?= artifacts
 
 # Optional variables become CLI options only when set.
 RUN_OPTS = --variant $(VARIANT) --ckpt $(CKPT) \
   $(if $(DATA),--data $(DATA)) $(if $(CALIB),--calib $(CALIB)) \
   $(if $(RECIPE),--recipe $(RECIPE)) $(foreach s,$(SET),--set $(s)) \
-  $(foreach s,$(FORCE),--force $(s))
+  $(foreach s,$(FORCE),--force $(s)) --artifacts $(ARTIFACTS)
 
 .PHONY: help setup test test-slow deploy compare variants bench cache-ls clean
 
@@ -51,7 +52,7 @@ bench: ## Benchmarks under bench/ (ratios measured in one run)
 	$(PY) bench/bench_reparam.py
 
 cache-ls: ## List cached stage outputs
-	$(PY) -m pipeline cache ls
+	$(PY) -m pipeline cache ls --artifacts $(ARTIFACTS)
 
 clean: ## Remove artifacts/ (the cache included)
 	rm -rf artifacts

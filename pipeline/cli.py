@@ -145,6 +145,19 @@ def deploy(quant, as_json, **kw):
         click.echo(summary(report, folder))
 
 
+@main.command()
+@click.option("--quant", "quants", multiple=True, help="A scheme to include (repeatable; default fp32 fp16).")
+@run_options
+def compare(quants, **kw):
+    """Deploy several schemes (cached) and compare them in artifacts/<variant>-compare/."""
+    from .compare import compare as run_compare
+    from .deploy import RunOptions, log_stderr
+
+    result, folder = run_compare(RunOptions(**kw), list(quants) or ["fp32", "fp16"], log=log_stderr)
+    click.echo(f"wrote {folder}/ (compare.md, compare.html, compare.json, compare.png)")
+    click.echo((folder / "compare.md").read_text())
+
+
 @main.group()
 def cache():
     """Inspect or clean the stage cache."""

@@ -1,0 +1,172 @@
+"""``make compare``: several schemes side by side (each deploy cached), as JSON,
+Markdown, and an HTML page with the plots embedded."""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .deploy import RunOptions, deploy
+from .report import UNTRAINED
+
+
+def rows_of(quant: str, rep: dict) -> list[dict]:
+    rows = []
+    for a in rep["artifacts"]:
+        acc, fid = a.get("accuracy"), a.get("fidelity") or {}
+        host = next((l for l in a["latency"] if l["target"].startswith("host (1 ")), None)
+        rows.append({"scheme": quant, "format": a["format"], "file": a["path"], "mb": a["bytes"] / 1e6,
+                     "top1": acc["top1"] if acc else None, "n": acc["n"] if acc else fid.get("n"),
+                     "agreement": fid.get("top1_agreement"), "sqnr_db": fid.get("sqnr_db"),
+                     "host_ms": host["median_ms"] if host else None,
+                     "host_method": f"measured, {host['runtime']}, 1 thread" if host else None,
+                     "method": a["method"], "iphone": _iphone(a)})
+    for s in rep["skipped"]:
+        rows.append({"scheme": quant, "format": s["format"], "skipped": s["reason"]})
+    return rows
+
+
+def _iphone(a: dict) -> dict | None:
+    for l in a["latency"]:
+        if l["target"].startswith("iPhone"):
+            return {"ms": l["median_ms"], "method": l["method"], "target": l["target"], "details": l.get("details")}
+    return None
+
+
+def compare(opts: RunOptions, quants: list[str], log: Callable[[str], None] = print) -> tuple[dict, Path]:
+    reports, failures = {}, {}
+    for q in quants:
+        log(f"== {q}")
+        try:
+            reports[q], _ = deploy(dataclasses.replace(opts, quant=q, recipe=None), log)
+        except NotImplementedError as e:
+            failures[q] = str(e)
+            log(f"   {q}: not produced: {e}")
+    if not reports:
+        raise NotImplementedError("no scheme could be produced: " + "; ".join(failures.values()))
+    first = next(iter(reports.values()))
+    variant = first["variant"]
+    result = {"variant": variant, "weights": first["weights"], "data": first["data"],
+              "reference": first.get("reference"),
+              "rows": [r for q, rep in reports.items() for r in rows_of(q, rep)],
+              "failed": [{"scheme": q, "reason": r} for q, r in failures.items()],
+              "notes": sorted({n for rep in reports.values() for n in rep["notes"]})}
+    folder = opts.artifacts / f"{variant}-compare"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        png = plot(result)
+        (tmp / "compare.png").write_bytes(png)
+        (tmp / "compare.json").write_text(json.dumps(result, indent=1, default=str))
+        (tmp / "compare.md").write_text(markdown(result))
+        (tmp / "compare.html").write_text(page(result, png))
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.rename(folder, old)
+            os.rename(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result, folder
+
+
+def _quality(result: dict) -> tuple[str, str]:
+    labelled = any(r.get("top1") is not None for r in result["rows"])
+    return ("top1", "top-1 accuracy (%)") if labelled else ("agreement", "top-1 agreement with float (%)")
+
+
+def plot(result: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, label = _quality(result)
+    rows = [r for r in result["rows"] if not r.get("skipped") and r.get(key) is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    markers = {"coreml": "o", "onnx": "s", "tflite": "^"}
+    for ax, xkey, xlabel in ((axes[0], "host_ms", "host CPU latency, ms (measured, 1 thread)"),
+                             (axes[1], "mb", "file size, MB")):
+        for r in rows:
+            if r.get(xkey) is None:
+                continue
+            ax.scatter(r[xkey], 100 * r[key], marker=markers.get(r["format"], "x"), s=50)
+            ax.annotate(f"{r['scheme']}/{r['format']}", (r[xkey], 100 * r[key]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    title = f"RepViT-{result['variant'].upper()}"
+    if not result["weights"]["trained"]:
+        title += f" ({UNTRAINED})"
+    fig.suptitle(title, fontsize=10)
+    fig.text(0.01, 0.01, "Core ML points without host latency: Core ML cannot run on this OS "
+             "(fidelity simulated). Shapes: o Core ML, s ONNX, ^ TFLite.", fontsize=7)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _fmt(v, spec: str, scale: float = 1.0) -> str:
+    return "-" if v is None else format(v * scale, spec)
+
+
+def table_rows(result: dict) -> list[list[str]]:
+    out = []
+    for r in result["rows"]:
+        if r.get("skipped"):
+            out.append([r["scheme"], r["format"], "-", "-", "-", "-", "-", f"not produced: {r['skipped']}"])
+            continue
+        iph = r.get("iphone")
+        out.append([r["scheme"], r["format"], _fmt(r["mb"], ".2f"), _fmt(r["top1"], ".2f", 100),
+                    _fmt(r["agreement"], ".2f", 100), _fmt(r["host_ms"], ".2f"),
+                    f"{iph['ms']:.2f} ({iph['method']})" if iph else "-", r["method"]])
+    for f in result["failed"]:
+        out.append([f["scheme"], "all", "-", "-", "-", "-", "-", f"not produced: {f['reason']}"])
+    return out
+
+
+HEADER = ["scheme", "format", "size MB", "top-1 %", "agreement %", "host ms (1 thread)",
+          "iPhone ms", "how"]
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# RepViT-{result['variant'].upper()}: schemes compared", ""]
+    lines += [f"> {n}" for n in result["notes"]] + [""]
+    lines += [f"- Evaluation images: {result['data']['eval']}", ""]
+    lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
+    lines += ["", "Agreement: top-1 agreement with the fused float PyTorch model on the same images. "
+              "Host latency: batch 1 median on this machine's CPU (see each deploy's report.json).",
+              "", "![accuracy vs latency and size](compare.png)", ""]
+    return "\n".join(lines)
+
+
+def page(result: dict, png: bytes) -> str:
+    e = html.escape
+    rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in table_rows(result))
+    notes = "".join(f"<p class=note>{e(n)}</p>" for n in result["notes"])
+    img = base64.b64encode(png).decode()
+    return f"""<!doctype html><html><head><meta charset=utf-8>
+<title>RepViT-{e(result['variant'].upper())} compare</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+td:nth-child(-n+2),th{{text-align:left}}.note{{background:#fff4d6;padding:6px 10px}}</style></head>
+<body><h1>RepViT-{e(result['variant'].upper())}: schemes compared</h1>{notes}
+<p>Evaluation images: {e(str(result['data']['eval']))}</p>
+<table><tr>{''.join(f'<th>{e(h)}</th>' for h in HEADER)}</tr>{rows}</table>
+<p><img alt="accuracy vs latency and size" src="data:image/png;base64,{img}"></p>
+</body></html>
+"""

@@ -1,0 +1,104 @@
+"""End to end: `make deploy` on a tiny model, then the cache at work."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.data import sample_images
+from pipeline.models import create_model
+
+from .conftest import randomize_bn
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = [f"class{i}" for i in range(4)]
+FAST = "validate.latency_runs=3 validate.latency_warmup=1 validate.fidelity_images=8 export.check_images=4"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    model = randomize_bn(create_model("m0.6", num_classes=4, seed=0))
+    torch.save({"model": model.state_dict(), "input_size": 32, "crop_pct": 1.0,
+                "interpolation": "bilinear", "classes": CLASSES}, d / "tiny.pth")
+    for i, img in enumerate(sample_images(12, seed=3)):
+        folder = d / "data" / CLASSES[i % 4]
+        folder.mkdir(parents=True, exist_ok=True)
+        img.resize((48, 40)).save(folder / f"{i}.jpg")
+    return d
+
+
+def make_deploy(tiny, artifacts, extra_set=""):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = ["make", "-s", "deploy", f"PY={sys.executable}", "VARIANT=m0.6", "QUANT=fp16",
+           f"CKPT={tiny / 'tiny.pth'}", f"DATA={tiny / 'data'}", f"ARTIFACTS={artifacts}",
+           f"SET={FAST} {extra_set}".strip()]
+    start = time.perf_counter()
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out, time.perf_counter() - start
+
+
+def test_make_deploy_end_to_end(tiny, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    out, _ = make_deploy(tiny, artifacts)
+    folder = artifacts / "m0.6-fp16"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["RepViT-M0.6-fp16.mlpackage", "RepViT-M0.6-fp16.onnx", "RepViT-M0.6-fp16.tflite",
+                     "labels.txt", "report.json", "report.md"]
+    assert (folder / "labels.txt").read_text().split() == CLASSES
+    rep = json.loads((folder / "report.json").read_text())
+    assert rep["variant"] == "m0.6" and rep["quant"] == "fp16"
+    assert rep["weights"]["trained"] is True and len(rep["weights"]["sha256"]) == 64
+    assert [s["name"] for s in rep["stages"]] == ["load", "reparam", "quantize", "export", "validate"]
+    assert not any(s["cache_hit"] for s in rep["stages"])
+    assert {a["format"] for a in rep["artifacts"]} == {"coreml", "onnx", "tflite"}
+    for a in rep["artifacts"]:
+        assert a["bytes"] > 0 and len(a["sha256"]) == 64
+        assert a["accuracy"]["n"] == 6 and 0 <= a["accuracy"]["top1"] <= 1   # half of DATA held out
+        assert a["fidelity"]["top1_agreement"] >= 0.8 and a["fidelity"]["n"] == 6
+        assert all(l["method"] in ("measured", "estimated", "simulated") for l in a["latency"])
+    by = {a["format"]: a for a in rep["artifacts"]}
+    assert by["coreml"]["method"] == "simulated" and by["onnx"]["method"] == "measured"
+    assert by["onnx"]["latency"][0]["method"] == "measured"
+    assert "simulated" in (folder / "report.md").read_text()
+
+    # Unchanged recipe: nothing runs.
+    out, seconds = make_deploy(tiny, artifacts)
+    rep = json.loads((folder / "report.json").read_text())
+    assert all(s["cache_hit"] for s in rep["stages"]), out.stderr
+    # One export option changed: export and validate only.
+    make_deploy(tiny, artifacts, "export.onnx.simplify=never")
+    rep = json.loads((folder / "report.json").read_text())
+    assert {s["name"] for s in rep["stages"] if not s["cache_hit"]} == {"export", "validate"}
+    assert not list(artifacts.glob(".m0.6-fp16*")), "no temporary folders left"
+
+
+def test_untrained_weights_say_so_everywhere(tmp_path):
+    env = {**os.environ}
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", "deploy", "--quant", "fp32", "--variant", "m0.6", "--ckpt",
+         "random", "--artifacts", str(tmp_path), "--set", "export.formats=[onnx]",
+         "--set", "load.input_size=32", *sum((["--set", s] for s in FAST.split()), [])],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "untrained weights: accuracy figures are meaningless" in out.stdout
+    rep = json.loads((tmp_path / "m0.6-fp32" / "report.json").read_text())
+    assert rep["weights"]["trained"] is False and "CKPT=random" in rep["weights"]["reason"]
+    assert (tmp_path / "m0.6-fp32" / "report.md").read_text().splitlines()[2].startswith(
+        "> **untrained weights: accuracy figures are meaningless.**")
+
+
+def test_official_without_network_falls_back_loudly(tmp_path, monkeypatch):
+    from pipeline.download import WeightsUnavailable
+    from pipeline.stages import load
+
+    def offline(variant, **kw):
+        raise WeightsUnavailable("no network (test)")
+    monkeypatch.setattr(load, "fetch_official", offline)
+    result = load.load(load.LoadConfig(variant="m0.6", checkpoint="official"), tmp_path)
+    assert result.weights.trained is False and "official weights unavailable" in result.weights.reason
