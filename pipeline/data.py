@@ -90,11 +90,13 @@ class ImageSet:
                         tuple(self.labels[i] for i in indices) if self.labels else None,
                         self.classes, name)
 
-    def split(self, n_first: int, seed: int = 0) -> tuple["ImageSet", "ImageSet"]:
-        """A deterministic (held-out, rest) split: ``n_first`` images spread over classes."""
+    def split(self, n_first: int, seed: int = 0, names: tuple[str, str] = ("calib", "eval")
+              ) -> tuple["ImageSet", "ImageSet"]:
+        """A deterministic (``n_first`` images spread over the set, the rest) split."""
         order = np.random.default_rng(seed).permutation(len(self))
         held, rest = sorted(order[:n_first].tolist()), sorted(order[n_first:].tolist())
-        return self.subset(held, self.name + "[calib]"), self.subset(rest, self.name + "[eval]")
+        return (self.subset(held, f"{self.name}[{names[0]}]"),
+                self.subset(rest, f"{self.name}[{names[1]}]"))
 
 
 def _images_under(d: Path) -> list[Path]:
@@ -195,7 +197,7 @@ class DataConfig:
     eval: Optional[str] = None
     calib: Optional[str] = None
     calib_images: int = 256
-    eval_images: Optional[int] = None   # score only the first N (deterministic order)
+    eval_images: Optional[int] = None   # score N images, a deterministic spread over the set
     seed: int = 0
 
     def validate(self):
@@ -243,8 +245,8 @@ def resolve_sets(cfg: DataConfig, classes: Sequence[str]) -> Sets:
         calib = None
         calib_desc = (f"{cfg.calib_images} natural sample photos (scikit-image's bundled images, "
                       "random crops and flips)")
-    if eval_set is not None and cfg.eval_images:
-        eval_set = eval_set.subset(range(min(cfg.eval_images, len(eval_set))), eval_set.name)
+    if eval_set is not None and cfg.eval_images and cfg.eval_images < len(eval_set):
+        eval_set = eval_set.split(cfg.eval_images, cfg.seed + 1, (f"{cfg.eval_images} of", "rest"))[0]
     eval_desc = f"{len(eval_set)} labelled images from DATA={cfg.eval}" if eval_set else "none (no DATA)"
     return Sets(calib, eval_set, calib_desc, eval_desc)
 

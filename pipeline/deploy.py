@@ -103,6 +103,9 @@ def deploy(opts: RunOptions, log: Callable[[str], None] = print) -> tuple[dict, 
 
 def summary(rep: dict, folder: Path) -> str:
     lines = [f"wrote {folder}/"]
+    ref = (rep.get("reference") or {}).get("accuracy")
+    if ref:
+        lines.append(f"  float reference (PyTorch): top-1 {100 * ref['top1']:.2f}% on {ref['n']} images")
     for a in rep["artifacts"]:
         fid, acc = a.get("fidelity") or {}, a.get("accuracy")
         quality = (f"top-1 {100 * acc['top1']:.2f}% on {acc['n']}" if acc else

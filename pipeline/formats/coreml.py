@@ -34,6 +34,7 @@ class CoreMLConfig:
     author: str = "repvit-pipeline"
     license: Optional[str] = None        # default: the weights' license
     version: str = "1.0"
+    palette_group_size: int = 16   # pal*: channels per palette on iOS18
     # Simulated parity gate for the fp32 program (interpreter vs PyTorch probabilities).
     tolerance: float = 1e-4
 
@@ -95,7 +96,7 @@ class CoreMLExporter:
     name, suffix = "coreml", ".mlpackage"
 
     def unsupported(self, scheme: str) -> Optional[str]:
-        if scheme not in ("fp32", "fp16"):
+        if scheme not in ("fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8"):
             return f"{scheme} for Core ML is not available in this version"
         return None
 
@@ -107,6 +108,11 @@ class CoreMLExporter:
         size = m["input_size"]
         precision = precision_of(ctx, cfg)
         wrapped = CoreMLClassifier(model, m["std"]).eval()
+        if ctx.scheme == "int8":
+            if cfg.deployment_target == "iOS16":
+                raise ExportError("Core ML W8A8 (int8 activations) needs iOS17 or later: set "
+                                  "export.coreml.deployment_target=iOS17")
+            wrapped = quantize_w8a8(wrapped, ctx.calibration, m["mean"])
         with quiet():
             traced = torch.jit.trace(wrapped, torch.zeros(1, 3, size, size))
             try:
@@ -122,11 +128,20 @@ class CoreMLExporter:
             except Exception as e:
                 raise ExportError(f"Core ML conversion failed: {type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        compression = None
+        if ctx.scheme in ("w8", "pal4", "pal6", "pal8"):
+            ml, compression = compress_weights(ml, ctx.scheme, cfg)
+        elif ctx.scheme == "int8":
+            compression = (f"W8A8: weights int8 per channel (symmetric), activations int8 per tensor "
+                           f"from min/max over {len(ctx.calibration)} calibration images "
+                           "(coremltools LinearQuantizer, calibration only, no training)")
         _set_metadata(ml, ctx, cfg, precision)
         ml.save(str(ctx.out_path))
         facts = {"deployment_target": cfg.deployment_target, "compute_precision": precision,
-                 "input": f"image RGB {size}x{size}", "outputs": ["classLabel", "classLabel_probs"]}
-        facts.update(check_package(ctx.out_path, model, ctx, precision))
+                 "input": f"image RGB {size}x{size}", "outputs": ["classLabel", "classLabel_probs"],
+                 "compression": compression}
+        facts.update(check_package(ctx.out_path, model, ctx, precision,
+                                   weights_exact=ctx.scheme in ("fp32", "fp16")))
         if ctx.check_inputs is not None:
             ref = torch_logits(model, normalized(ctx.check_inputs, m))
             ref = torch.softmax(torch.from_numpy(ref), 1).numpy()
@@ -140,7 +155,53 @@ class CoreMLExporter:
         return ExportResult(ctx.out_path, facts)
 
 
-def check_package(path: Path, fused: nn.Module, ctx: ExportContext, precision: str) -> dict:
+def quantize_w8a8(wrapped: nn.Module, calibration: np.ndarray, mean: list[float]) -> nn.Module:
+    """Fake-quantized twin of ``wrapped`` whose observers saw the calibration images; its
+    conversion is a W8A8 ML program. No training: fake quantization stays off while the
+    min/max observers run, and BatchNorm is already folded."""
+    from coremltools.optimize.torch.quantization import (LinearQuantizer, LinearQuantizerConfig,
+                                                         ModuleLinearQuantizerConfig)
+
+    x = torch.from_numpy(calibration.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+                         - np.asarray(mean, np.float32).reshape(1, 3, 1, 1))
+    config = LinearQuantizerConfig(global_config=ModuleLinearQuantizerConfig(
+        quantization_scheme="symmetric", weight_per_channel=True, activation_observer="min_max",
+        milestones=[0, 1 << 30, 1 << 30, 0]))
+    with quiet():
+        quantizer = LinearQuantizer(wrapped, config)
+        prepared = quantizer.prepare(example_inputs=(x[:1],), inplace=False)
+        prepared.train()  # observers record only in train mode; there is no BatchNorm left
+        with torch.no_grad():
+            for i in range(0, len(x), 32):
+                quantizer.step()
+                prepared(x[i:i + 32])
+        return quantizer.finalize(inplace=False).eval()
+
+
+def compress_weights(ml, scheme: str, cfg: CoreMLConfig):
+    """Weight-only compression of a converted program (coremltools.optimize.coreml)."""
+    import coremltools.optimize.coreml as cto
+
+    with quiet():
+        if scheme == "w8":
+            config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(
+                mode="linear_symmetric", dtype="int8", granularity="per_channel"))
+            out = cto.linear_quantize_weights(ml, config)
+            return out, "weights int8 per channel (symmetric), float16 compute"
+        nbits = int(scheme[3:])
+        if cfg.deployment_target == "iOS18":
+            op = cto.OpPalettizerConfig(mode="kmeans", nbits=nbits, granularity="per_grouped_channel",
+                                        group_size=cfg.palette_group_size)
+            how = f"per-grouped-channel palettes (group size {cfg.palette_group_size})"
+        else:
+            op = cto.OpPalettizerConfig(mode="kmeans", nbits=nbits, granularity="per_tensor")
+            how = "one palette per tensor (iOS17; iOS18 allows grouped palettes)"
+        out = cto.palettize_weights(ml, cto.OptimizationConfig(global_config=op))
+        return out, f"{nbits}-bit k-means palettized weights, {how}"
+
+
+def check_package(path: Path, fused: nn.Module, ctx: ExportContext, precision: str,
+                  weights_exact: bool = True) -> dict:
     """Read the saved package back and check what an app relies on; raises on mismatch."""
     from ..runtimes.mil import MilInterpreter
 
@@ -166,7 +227,7 @@ def check_package(path: Path, fused: nn.Module, ctx: ExportContext, precision: s
     torch_convs = [mod for mod in expected.modules() if isinstance(mod, nn.Conv2d)]
     mil_convs = [op for op in interp.ops if op.op_type == "conv"]
     worst = 0.0
-    for op, conv in zip(mil_convs, torch_convs):
+    for op, conv in zip(mil_convs, torch_convs if weights_exact else []):
         w = interp.consts[op.inputs["weight"].name].numpy()
         ref = conv.weight.detach().numpy()
         if w.shape != ref.shape:
@@ -175,7 +236,9 @@ def check_package(path: Path, fused: nn.Module, ctx: ExportContext, precision: s
         # fp16 rounding: relative 2^-11 of the value, plus fp16's subnormal floor.
         tol = (np.abs(ref) * 2.0 ** -10 + 6e-8) if precision == "fp16" else 1e-7 + 1e-6 * np.abs(ref)
         worst = max(worst, float((np.abs(w - ref) / (tol + 1e-30)).max()))
-    if worst > 1.0:
+    if not weights_exact:
+        pass  # compressed weights are checked by the fidelity measurements instead
+    elif worst > 1.0:
         problems.append(f"conv weights read back differ from the fused weights by {worst:.2f}x "
                         "the rounding tolerance")
     stored = {"fp16" if any(op.outputs[0].dtype.__name__ == "fp16" for op in mil_convs) else "fp32"}
@@ -186,5 +249,6 @@ def check_package(path: Path, fused: nn.Module, ctx: ExportContext, precision: s
     if problems:
         raise ExportError("Core ML package check failed: " + "; ".join(problems))
     return {"ops": {k: v for k, v in counts.items() if k != "const"},
-            "weights_vs_fused": f"within {'fp16' if precision == 'fp16' else 'fp32'} rounding "
-                                f"({worst:.2f} of tolerance)", "labels": len(got_labels)}
+            "weights_vs_fused": (f"within {'fp16' if precision == 'fp16' else 'fp32'} rounding "
+                                 f"({worst:.2f} of tolerance)") if weights_exact else
+                                "compressed: see fidelity", "labels": len(got_labels)}

@@ -29,14 +29,31 @@ def interpreter(path: Path, threads: int = 1):
     return it
 
 
+def to_input(x: np.ndarray, detail: dict) -> np.ndarray:
+    """Float input -> what the tensor holds (quantized with its own scale / zero point
+    for a full-integer model)."""
+    if detail["dtype"] == np.float32:
+        return np.ascontiguousarray(x, np.float32)
+    scale, zero = detail["quantization"]
+    info = np.iinfo(detail["dtype"])
+    return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(detail["dtype"])
+
+
+def from_output(y: np.ndarray, detail: dict) -> np.ndarray:
+    if detail["dtype"] == np.float32:
+        return y.astype(np.float32)
+    scale, zero = detail["quantization"]
+    return (y.astype(np.float32) - zero) * scale
+
+
 def run_tflite(path: Path, x_nchw: np.ndarray, threads: int = 1) -> np.ndarray:
     it = interpreter(path, threads)
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
     outs = []
     for i in range(len(x_nchw)):
-        it.set_tensor(inp["index"], np.ascontiguousarray(x_nchw[i:i + 1].transpose(0, 2, 3, 1)))
+        it.set_tensor(inp["index"], to_input(x_nchw[i:i + 1].transpose(0, 2, 3, 1), inp))
         it.invoke()
-        outs.append(it.get_tensor(out["index"]).copy())
+        outs.append(from_output(it.get_tensor(out["index"]), out))
     return np.concatenate(outs)
 
 
@@ -60,7 +77,7 @@ class TFLiteExporter:
     def unsupported(self, scheme: str) -> Optional[str]:
         if scheme.startswith("pal"):
             return "TFLite has no palettized (look-up-table) weight type"
-        if scheme not in ("fp32", "fp16"):
+        if scheme not in ("fp32", "fp16", "int8"):
             return f"{scheme} for TFLite is not available in this version"
         return None
 
@@ -80,11 +97,19 @@ class TFLiteExporter:
             raise ExportError(f"TFLite conversion failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
         if ctx.scheme == "fp16":
             self._fp16(float_path, path)
-            float_path.unlink()
+        elif ctx.scheme == "int8":
+            self._int8(float_path, path, normalized(ctx.calibration, ctx.meta).transpose(0, 2, 3, 1))
         else:
             os.replace(float_path, path)
-        facts = {"input_layout": "NHWC float32, RGB, (pixel/255 - mean) / std",
-                 "weights": "float16" if ctx.scheme == "fp16" else "float32", "ops": op_counts(path),
+        float_path.unlink(missing_ok=True)
+        layout = "NHWC float32, RGB, (pixel/255 - mean) / std"
+        weights = {"fp16": "float16", "int8": "int8 per channel"}.get(ctx.scheme, "float32")
+        if ctx.scheme == "int8":
+            d = interpreter(path).get_input_details()[0]
+            layout = (f"NHWC int8 = round(((pixel/255 - mean) / std) / {d['quantization'][0]:.6g}) "
+                      f"+ {d['quantization'][1]} (full-integer model; output int8, dequantize "
+                      "with its own scale / zero point)")
+        facts = {"input_layout": layout, "weights": weights, "ops": op_counts(path),
                  "metadata": {"labels": "labels.txt beside the model", "mean": ctx.meta["mean"],
                               "std": ctx.meta["std"], "crop_pct": ctx.meta["crop_pct"],
                               "variant": ctx.variant}}
@@ -99,6 +124,16 @@ class TFLiteExporter:
         return ExportResult(path, facts)
 
     @staticmethod
+    def _int8(src: Path, dst: Path, calibration_nhwc: np.ndarray) -> None:
+        """Static full-integer int8 (ai-edge-quantizer): int8 weights per channel, int8
+        activations from min/max over the calibration images."""
+        try:
+            with quiet():
+                _int8_calibrate_and_quantize(src, dst, np.ascontiguousarray(calibration_nhwc, np.float32))
+        except Exception as e:
+            raise ExportError(f"TFLite int8 quantization failed: {type(e).__name__}: {e}") from e
+
+    @staticmethod
     def _fp16(src: Path, dst: Path) -> None:
         from ai_edge_quantizer import quantizer
 
@@ -106,6 +141,18 @@ class TFLiteExporter:
             q = quantizer.Quantizer(str(src), _float16_recipe())
             result = q.quantize()
             result.export_model(str(dst))
+
+
+def _int8_calibrate_and_quantize(src: Path, dst: Path, calibration_nhwc: np.ndarray) -> None:
+    from ai_edge_quantizer import quantizer, recipe
+
+    it = interpreter(src)
+    (signature, spec), = it.get_signature_list().items()
+    name = spec["inputs"][0]
+    q = quantizer.Quantizer(str(src), recipe.static_wi8_ai8())
+    data = {signature: [{name: calibration_nhwc[i:i + 1]} for i in range(len(calibration_nhwc))]}
+    result = q.quantize(q.calibrate(data, num_threads=os.cpu_count() or 1))
+    result.export_model(str(dst), overwrite=True)
 
 
 def _float16_recipe() -> list:

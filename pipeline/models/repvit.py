@@ -63,14 +63,15 @@ class SqueezeExcite(nn.Module):
         super().__init__()
         rd = max(divisor, int(channels * rd_ratio + divisor / 2) // divisor * divisor)
         self.fc1 = nn.Conv2d(channels, rd, 1)
-        self.bn = nn.Identity()
         self.act = nn.ReLU()
         self.fc2 = nn.Conv2d(rd, channels, 1)
         self.gate = nn.Sigmoid()
 
     def forward(self, x):
         s = x.mean((2, 3), keepdim=True)
-        s = self.fc2(self.act(self.bn(self.fc1(s))))
+        # timm's SE also holds an Identity ``bn``: left out, since quantizers would wrap
+        # the no-op in its own quantize/dequantize pair.
+        s = self.fc2(self.act(self.fc1(s)))
         return x * self.gate(s)
 
 
@@ -192,8 +193,10 @@ class RepViT(nn.Module):
     def forward(self, x):
         for f in self.features:
             x = f(x)
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return self.classifier(x)
+        # mean over H, W rather than adaptive_avg_pool2d(1).flatten(1): the same values, but
+        # no reshape between two quantizers, which coremltools 9 (W8A8) folds into a
+        # dequantize with the wrong scale.
+        return self.classifier(x.mean((2, 3)))
 
 
 def create_model(variant: Variant | str, num_classes: int = 1000, distillation: bool = True,

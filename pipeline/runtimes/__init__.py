@@ -48,12 +48,14 @@ class LiteRTRuntime:
         self.name = f"LiteRT {importlib.metadata.version('ai-edge-litert')} CPU (XNNPACK)"
 
     def predict(self, pixels):
+        from ..formats.tflite import from_output, to_input
+
         x = normalized(pixels, self.meta).transpose(0, 2, 3, 1)
         outs = []
         for i in range(len(x)):
-            self.it.set_tensor(self.inp["index"], np.ascontiguousarray(x[i:i + 1]))
+            self.it.set_tensor(self.inp["index"], to_input(x[i:i + 1], self.inp))
             self.it.invoke()
-            outs.append(self.it.get_tensor(self.out["index"]).copy())
+            outs.append(from_output(self.it.get_tensor(self.out["index"]), self.out))
         return np.concatenate(outs)
 
 

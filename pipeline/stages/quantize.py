@@ -16,13 +16,13 @@ from typing import Literal, Optional
 import numpy as np
 
 from ..checkpoints import parse, read_file
-from ..data import DataConfig, fingerprint_folder, calibration_pixels, resolve_sets
+from ..data import DataConfig, DataError, calibration_pixels, fingerprint_folder, resolve_sets
 from ..progress import Progress
 from .reparam import preprocess_of
 
 Scheme = Literal["fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8", "qat-int8"]
 CALIBRATED = {"int8", "qat-int8"}
-IMPLEMENTED = {"fp32", "fp16"}
+IMPLEMENTED = {"fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8"}
 
 
 @dataclass
@@ -30,6 +30,8 @@ class QuantizeConfig:
     scheme: Scheme = "fp32"
     # Allowed loss: top-1 points with labels, agreement points without.
     max_drop: Optional[float] = None
+    # Fewer calibration images than this give activation ranges that do not generalize.
+    min_calibration_images: int = 32
 
 
 def fingerprint(cfg: QuantizeConfig, data: DataConfig) -> dict:
@@ -51,6 +53,11 @@ def run(cfg: QuantizeConfig, inputs: dict, out_dir: Path, data: DataConfig) -> d
         n = len(sets.calib) if sets.calib is not None else data.calib_images
         with Progress(min(n, data.calib_images), "calibration images") as bar:
             pixels = calibration_pixels(sets, data, preprocess_of(ckpt.meta), bar.update)
+        if len(pixels) < cfg.min_calibration_images:
+            raise DataError(
+                f"only {len(pixels)} calibration images ({sets.calib_description}); {cfg.scheme} needs "
+                f"at least {cfg.min_calibration_images}: pass CALIB=<folder of training images> or "
+                "a larger DATA")
         np.save(out_dir / "calibration_pixels.npy", pixels)
         facts["calibration"] = {"images": int(len(pixels)), "source": sets.calib_description}
     return facts
