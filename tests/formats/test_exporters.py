@@ -1,0 +1,135 @@
+"""Each exporter against its PyTorch twin, on a small trained RepViT."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.formats import ExportContext, ExportError, get_exporter, normalized
+from pipeline.formats.coreml import CoreMLClassifier, CoreMLConfig
+from pipeline.formats.onnx import OnnxConfig, run_onnx
+from pipeline.formats.tflite import TFLiteConfig, run_tflite
+from pipeline.runtimes.mil import MilInterpreter
+
+
+def export(fmt, scheme, trained, tmp_path, cfg=None):
+    exporter = get_exporter(fmt)
+    cfg = cfg or {"coreml": CoreMLConfig, "onnx": OnnxConfig, "tflite": TFLiteConfig}[fmt]()
+    ctx = ExportContext(scheme, trained.meta, "m0.6", tmp_path / f"m-{scheme}{exporter.suffix}",
+                        trained.calibration, trained.check[:8])
+    return exporter.export(trained.fused, ctx, cfg)
+
+
+def reference_logits(trained, pixels=None):
+    pixels = trained.check if pixels is None else pixels
+    with torch.no_grad():
+        return trained.fused(torch.from_numpy(normalized(pixels, trained.meta))).numpy()
+
+
+def softmax(x):
+    e = np.exp(x - x.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+# ---------------------------------------------------------------- Core ML
+
+def test_std_folding_into_the_stem_is_exact(trained):
+    """(pixel/255 - mean) through the folded stem == normalized input through the original,
+    borders included (zero padding sees the same zeros). A single averaged std is not."""
+    pixels = trained.check[:8]
+    x = torch.from_numpy(pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+                         - np.asarray(trained.meta["mean"], np.float32).reshape(1, 3, 1, 1))
+    folded = CoreMLClassifier(trained.fused, trained.meta["std"]).eval()
+    with torch.no_grad():
+        got = folded(x).numpy()
+        avg = CoreMLClassifier(trained.fused, [float(np.mean(trained.meta["std"]))] * 3).eval()(x).numpy()
+    want = softmax(reference_logits(trained, pixels))
+    assert np.abs(got - want).max() < 1e-6
+    assert np.abs(avg - want).max() > 1e-3, "an averaged std must be visibly wrong"
+
+
+def test_coreml_fp32_package_and_interpreter(trained, tmp_path):
+    r = export("coreml", "fp32", trained, tmp_path)
+    interp = MilInterpreter(r.path)
+    desc = interp.spec.description
+    assert [i.name for i in desc.input] == ["image"]
+    assert desc.input[0].type.imageType.width == 32 and desc.input[0].type.imageType.colorSpace == 20  # RGB
+    assert desc.predictedFeatureName == "classLabel" and desc.predictedProbabilitiesName == "classLabel_probs"
+    ud = desc.metadata.userDefined
+    assert ud["com.apple.coreml.model.preview.type"] == "imageClassifier" and ud["variant"] == "m0.6"
+    assert desc.metadata.shortDescription and desc.metadata.author and desc.metadata.license
+    assert r.facts["ops"]["conv"] == sum(isinstance(m, torch.nn.Conv2d) for m in trained.fused.modules())
+    assert "batch_norm" not in r.facts["ops"] and r.facts["compute_precision"] == "fp32"
+    # The interpreter reproduces PyTorch on the fp32 program to ~1e-5 relative.
+    x = trained.check[:16].transpose(0, 3, 1, 2).astype(np.float32)
+    probs = np.concatenate([interp.run(x[i:i + 1]) for i in range(len(x))])
+    want = softmax(reference_logits(trained, trained.check[:16]))
+    assert np.abs(probs - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_coreml_fp16_weights_within_fp16_rounding(trained, tmp_path):
+    r = export("coreml", "fp16", trained, tmp_path)
+    assert r.facts["compute_precision"] == "fp16" and "within fp16 rounding" in r.facts["weights_vs_fused"]
+    p = r.facts["parity"]
+    assert p["top1_agreement"] == 1.0 and p["max_abs_diff"] < 5e-3 and "simulated" in p["runtime"]
+
+
+def test_coreml_package_check_catches_wrong_weights(trained, tmp_path, monkeypatch):
+    """Tamper with the weights after tracing: the read-back check must refuse the package."""
+    from pipeline.formats import coreml
+
+    original = coreml.CoreMLClassifier.__init__
+
+    def tampered(self, fused, std):
+        original(self, fused, std)
+        if std == trained.meta["std"]:  # the exported twin, not the checker's reference
+            with torch.no_grad():
+                self.model.features[3].channel_mixer.m[0].weight.mul_(1.01)
+    monkeypatch.setattr(coreml.CoreMLClassifier, "__init__", tampered)
+    monkeypatch.setattr(coreml, "check_package", _check_against_untampered(coreml, original, trained))
+    with pytest.raises(ExportError, match="weights read back differ"):
+        export("coreml", "fp32", trained, tmp_path)
+
+
+def _check_against_untampered(coreml, original, trained):
+    real = coreml.check_package
+
+    def check(path, fused, ctx, precision, weights_exact=True):
+        coreml.CoreMLClassifier.__init__ = original  # the reference side is built untampered
+        return real(path, fused, ctx, precision, weights_exact)
+    return check
+
+
+# ---------------------------------------------------------------- ONNX
+
+def test_onnx_fp32_parity_metadata_dynamic_batch(trained, tmp_path):
+    import onnx
+
+    r = export("onnx", "fp32", trained, tmp_path)
+    model = onnx.load(str(r.path))
+    assert model.opset_import[0].version == 20 and "Gelu" in r.facts["ops"]
+    assert "BatchNormalization" not in r.facts["ops"]
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["labels"]) == trained.meta["classes"] and props["variant"] == "m0.6"
+    assert {"mean", "std", "input_layout", "crop_pct", "weights_sha256"} <= props.keys()
+    x = normalized(trained.check[:5], trained.meta)   # batch 5: the batch dimension is dynamic
+    ref = reference_logits(trained, trained.check[:5])
+    assert np.abs(run_onnx(r.path, x) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+# ---------------------------------------------------------------- TFLite
+
+def test_tflite_fp32_nhwc_parity(trained, tmp_path):
+    from pipeline.formats.tflite import interpreter
+
+    r = export("tflite", "fp32", trained, tmp_path)
+    assert list(interpreter(r.path).get_input_details()[0]["shape"]) == [1, 32, 32, 3]
+    ref = reference_logits(trained)
+    got = run_tflite(r.path, normalized(trained.check, trained.meta))
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_tflite_fp16_halves_the_file(trained, tmp_path):
+    f32 = export("tflite", "fp32", trained, tmp_path).path.stat().st_size
+    r = export("tflite", "fp16", trained, tmp_path)
+    assert 0.45 < r.path.stat().st_size / f32 < 0.6 and r.facts["parity"]["top1_agreement"] == 1.0

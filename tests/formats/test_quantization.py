@@ -1,0 +1,111 @@
+"""Post-training compression in each format, on a small trained RepViT: fidelity floors
+that a broken scale or zero point falls below, and the sizes each scheme should give."""
+import numpy as np
+import pytest
+import torch
+
+from pipeline.formats import get_exporter, normalized
+from pipeline.formats.onnx import run_onnx
+from pipeline.formats.tflite import run_tflite
+from pipeline.runtimes.mil import MilInterpreter
+from pipeline.stages.validate import fidelity
+
+from .test_exporters import export, reference_logits, softmax
+
+# Logit SQNR (probabilities for Core ML, whose model ends in a softmax) of a correct int8
+# model here: ONNX ~33 dB, TFLite (full integer, int8 input) ~14 dB, Core ML ~42 dB.
+FLOOR_DB = {"onnx": 25.0, "tflite": 11.0, "coreml": 30.0}
+
+
+def size(path):
+    return sum(f.stat().st_size for f in path.rglob("*")) if path.is_dir() else path.stat().st_size
+
+
+def outputs(fmt, path, trained):
+    if fmt == "onnx":
+        return run_onnx(path, normalized(trained.check, trained.meta))
+    if fmt == "tflite":
+        return run_tflite(path, normalized(trained.check, trained.meta))
+    interp = MilInterpreter(path)
+    x = trained.check.transpose(0, 3, 1, 2).astype(np.float32)
+    return np.concatenate([interp.run(x[i:i + 1]) for i in range(len(x))])
+
+
+@pytest.fixture(scope="module")
+def fp32_sizes(trained, tmp_path_factory):
+    d = tmp_path_factory.mktemp("fp32")
+    return {fmt: size(export(fmt, "fp32", trained, d).path) for fmt in ("onnx", "tflite", "coreml")}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite", "coreml"])
+def test_int8_fidelity_and_size(fmt, trained, tmp_path, fp32_sizes):
+    r = export(fmt, "int8", trained, tmp_path)
+    ref = reference_logits(trained)
+    got = outputs(fmt, r.path, trained)
+    fid = fidelity(softmax(ref) if fmt == "coreml" else ref, got)
+    assert fid["top1_agreement"] >= 0.97 and fid["sqnr_db"] >= FLOOR_DB[fmt], fid
+    assert 0.2 < size(r.path) / fp32_sizes[fmt] < 0.35
+
+
+def test_a_wrong_zero_point_falls_below_the_floor(trained, tmp_path, monkeypatch):
+    """The same TFLite int8 model fed with its input zero point off by 30: caught."""
+    from pipeline.formats import tflite
+
+    r = export("tflite", "int8", trained, tmp_path)
+    real = tflite.to_input
+    monkeypatch.setattr(tflite, "to_input", lambda x, d: real(
+        x, {**d, "quantization": (d["quantization"][0], d["quantization"][1] + 30)}))
+    fid = fidelity(reference_logits(trained), run_tflite(r.path, normalized(trained.check, trained.meta)))
+    assert fid["sqnr_db"] < FLOOR_DB["tflite"]
+
+
+def test_a_wrong_weight_scale_falls_below_the_floor(trained, tmp_path):
+    """Double one conv's weight scale in the ONNX QDQ graph: caught."""
+    import onnx
+    from onnx import numpy_helper
+
+    r = export("onnx", "int8", trained, tmp_path)
+    model = onnx.load(str(r.path))
+    inits = {i.name: i for i in model.graph.initializer}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits][3]
+    scale = numpy_helper.to_array(inits[dq.input[1]])
+    model.graph.initializer.append(numpy_helper.from_array(scale * 2, "broken_scale"))
+    dq.input[1] = "broken_scale"
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, str(broken))
+    fid = fidelity(reference_logits(trained), run_onnx(broken, normalized(trained.check, trained.meta)))
+    assert fid["sqnr_db"] < FLOOR_DB["onnx"]
+
+
+@pytest.mark.parametrize("scheme,low,high", [("w8", 0.22, 0.32), ("pal6", 0.17, 0.25), ("pal4", 0.11, 0.18)])
+def test_coreml_weight_compression(scheme, low, high, trained, tmp_path, fp32_sizes):
+    r = export("coreml", scheme, trained, tmp_path)
+    assert low < size(r.path) / fp32_sizes["coreml"] < high
+    fid = fidelity(softmax(reference_logits(trained)), outputs("coreml", r.path, trained))
+    assert fid["top1_agreement"] >= 0.97
+    # coremltools leaves tensors under 2048 elements (small depthwise kernels) uncompressed.
+    large = sum(m.weight.numel() >= 2048 for m in trained.fused.modules()
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    ops = r.facts["ops"]
+    compressed = sum(ops.get(k, 0) for k in ("constexpr_lut_to_dense", "constexpr_affine_dequantize",
+                                              "constexpr_blockwise_shift_scale"))
+    assert compressed == large
+
+
+@pytest.mark.parametrize("fmt,scheme", [("onnx", "pal4"), ("tflite", "pal6")])
+def test_formats_that_cannot_express_palettes_say_so(fmt, scheme):
+    assert "no palettized" in get_exporter(fmt).unsupported(scheme)
+
+
+def test_too_few_calibration_images(tmp_path):
+    from pipeline.data import DataConfig, DataError
+    from pipeline.stages import load, quantize, reparam
+
+    (tmp_path / "load").mkdir()
+    (tmp_path / "reparam").mkdir()
+    (tmp_path / "q").mkdir()
+    load.load(load.LoadConfig(variant="m0.6", checkpoint="random", input_size=32), tmp_path / "load")
+    reparam.reparam(reparam.ReparamConfig(verify=False), tmp_path / "load" / "model.pt", tmp_path / "reparam")
+    with pytest.raises(DataError, match=r"only 8 calibration images.*at least 32.*CALIB="):
+        quantize.run(quantize.QuantizeConfig(scheme="int8"), {"reparam": tmp_path / "reparam"},
+                     tmp_path / "q", data=DataConfig(calib_images=8))
