@@ -159,6 +159,28 @@ def compare(quants, **kw):
 
 
 @main.group()
+def latency():
+    """iPhone latency measurements made outside the pipeline."""
+
+
+@latency.command("import")
+@click.argument("measurement", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--report", "report_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True, help="The deploy's report.json (e.g. artifacts/m0.9-int8/report.json).")
+def latency_import(measurement, report_path):
+    """Merge a RepViTBench JSON (measured on your device) into a deploy report."""
+    from .deploy import rewrite_report
+    from .latency import import_measurement
+
+    try:
+        report = import_measurement(report_path, measurement)
+    except ValueError as e:
+        raise click.ClickException(str(e))
+    rewrite_report(report_path.parent, report)
+    click.echo(f"added the measurement to {report_path} and report.md")
+
+
+@main.group()
 def cache():
     """Inspect or clean the stage cache."""
 

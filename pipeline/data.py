@@ -233,7 +233,7 @@ def resolve_sets(cfg: DataConfig, classes: Sequence[str]) -> Sets:
     eval_set = image_folder(cfg.eval, index, classes) if cfg.eval else None
     if cfg.calib:
         calib = image_folder(cfg.calib, index if _labelled(cfg.calib, index) else None, classes)
-        calib_desc = f"{len(calib)} images from CALIB={cfg.calib}"
+        calib_desc = f"CALIB={cfg.calib} ({len(calib)} images, deterministic selection)"
     elif eval_set is not None:
         n = min(cfg.calib_images, len(eval_set) // 2)
         if n < 1:

@@ -71,6 +71,8 @@ def publish(folder: Path, records: dict, report: dict, md: str) -> None:
                 src = export_dir / a["path"]
                 (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp / a["path"])
             shutil.copy2(export_dir / "labels.txt", tmp / "labels.txt")
+            if any(a["format"] == "coreml" for a in report["artifacts"]):
+                shutil.copytree(Path(__file__).parent / "resources" / "RepViTBench", tmp / "RepViTBench")
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
         (tmp / "report.md").write_text(md)
         if folder.exists():
@@ -112,6 +114,12 @@ def summary(rep: dict, folder: Path) -> str:
                    f"agreement {100 * fid['top1_agreement']:.1f}%, SQNR {fid['sqnr_db']:.1f} dB" if fid else "")
         lat = next((l for l in a["latency"] if l["target"].startswith("host (1 ")), None)
         lat_s = f", host {lat['median_ms']:.2f} ms (1 thread, measured)" if lat else ""
+        phone = next((l for l in a["latency"] if l["target"].startswith("iPhone")), None)
+        if phone:
+            err = phone.get("error_ms")
+            lat_s += (f", {phone['target']} {phone['median_ms']:.2f} ms ({phone['method']}"
+                      + (f", ±{err['loo_mean_abs']:.2f} ms" if err else "")
+                      + (", EXTRAPOLATED outside the fitted range" if phone.get("extrapolated") else "") + ")")
         lines.append(f"  {a['format']:7} {a['path']:34} {a['bytes'] / 1e6:7.2f} MB  {quality} "
                      f"[{a['method']}]{lat_s}")
     for s in rep["skipped"]:
@@ -119,6 +127,15 @@ def summary(rep: dict, folder: Path) -> str:
     if not rep["weights"]["trained"]:
         lines.append(f"WARNING: {report_mod.UNTRAINED}")
     return "\n".join(lines)
+
+
+def rewrite_report(folder: Path, report: dict) -> None:
+    """Replace a deploy's report.json / report.md (write beside, then rename)."""
+    for name, text in (("report.json", json.dumps(report, indent=1, default=str)),
+                       ("report.md", report_mod.markdown(report))):
+        tmp = folder / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, folder / name)
 
 
 def log_stderr(msg: str) -> None:

@@ -72,7 +72,7 @@ def _calibration(records: dict) -> str:
     q = records["quantize"].facts if "quantize" in records else {}
     cal = q.get("calibration")
     if cal:
-        return f"{cal['images']}: {cal['source']}"
+        return f"{cal['images']} from {cal['source']}"
     return f"none ({q.get('scheme', 'this scheme')} needs no calibration)"
 
 
@@ -85,6 +85,19 @@ def _lat(latency: list, prefix: str) -> str:
         if l["target"].startswith(prefix):
             return f"{l['median_ms']:.2f} ({l['method']})"
     return "-"
+
+
+def _iphone(latency: list) -> str:
+    """Every iPhone figure, each with how it was obtained (measured ones first)."""
+    rows = sorted((l for l in latency if l["target"].startswith("iPhone") or l["runtime"] == "Core ML"
+                   and not l["target"].startswith("host")), key=lambda l: l["method"] != "measured")
+    out = []
+    for l in rows:
+        err = l.get("error_ms")
+        out.append(f"{l['median_ms']:.2f} ({l['method']}, {l['target']}"
+                   + (f", ±{err['loo_mean_abs']:.2f}" if err else "")
+                   + (", extrapolated" if l.get("extrapolated") else "") + ")")
+    return "<br>".join(out) or "-"
 
 
 def markdown(r: dict) -> str:
@@ -108,8 +121,8 @@ def markdown(r: dict) -> str:
                      f"{_pct(a['top5'])}% on {a['n']} images (measured).\n")
     lines += ["## Artifacts", "",
               "| format | file | size MB | top-1 % | top-5 % | top-1 agreement % | cosine | SQNR dB | "
-              "host ms, 1 thread | host ms, all threads | how |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "host ms, 1 thread | host ms, all threads | iPhone ms | how |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for a in r["artifacts"]:
         acc, fid = a.get("accuracy") or {}, a.get("fidelity") or {}
         lines.append(
@@ -117,12 +130,20 @@ def markdown(r: dict) -> str:
             f"{_pct(acc.get('top5'))} | {_pct(fid.get('top1_agreement'))} | "
             f"{fid['cosine']:.5f} | {fid['sqnr_db']:.1f} | {_lat(a['latency'], 'host (1 ')} | "
             f"{_lat([l for l in a['latency'] if not l['target'].startswith('host (1 ')], 'host')} | "
-            f"{a['method']}: {a['runtime']} |" if fid else
-            f"| {a['format']} | `{a['path']}` | {a['bytes'] / 1e6:.2f} | - | - | - | - | - | - | - | not validated |")
+            f"{_iphone(a['latency'])} | {a['method']}: {a['runtime']} |" if fid else
+            f"| {a['format']} | `{a['path']}` | {a['bytes'] / 1e6:.2f} | - | - | - | - | - | - | - | - | "
+            "not validated |")
     lines.append("")
     lines.append("Fidelity is against the fused float PyTorch model on the same images (logits; "
                  "probabilities for Core ML, whose model ends in a softmax). Host latency: batch 1, "
                  "median; the CPU is named in report.json.\n")
+    notes = [l["details"] for a in r["artifacts"] for l in a["latency"] if l["method"] == "estimated"]
+    if notes:
+        lines.append(f"iPhone estimate: {notes[0]}.\n")
+    if any(a["format"] == "coreml" for a in r["artifacts"]):
+        lines.append("Measure on your own device: `RepViTBench/` (a Swift package) runs the "
+                     ".mlpackage and writes JSON; `python -m pipeline latency import result.json "
+                     "--report <this folder>/report.json` adds it here as measured.\n")
     if r["skipped"]:
         lines += ["## Not produced", ""] + [f"- {s['format']}: {s['reason']}" for s in r["skipped"]] + [""]
     lines += ["## Export checks", ""]

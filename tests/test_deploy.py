@@ -49,7 +49,8 @@ def test_make_deploy_end_to_end(tiny, tmp_path):
     folder = artifacts / "m0.6-fp16"
     names = sorted(p.name for p in folder.iterdir())
     assert names == ["RepViT-M0.6-fp16.mlpackage", "RepViT-M0.6-fp16.onnx", "RepViT-M0.6-fp16.tflite",
-                     "labels.txt", "report.json", "report.md"]
+                     "RepViTBench", "labels.txt", "report.json", "report.md"]
+    assert (folder / "RepViTBench" / "Sources" / "RepViTBench" / "main.swift").is_file()
     assert (folder / "labels.txt").read_text().split() == CLASSES
     rep = json.loads((folder / "report.json").read_text())
     assert rep["variant"] == "m0.6" and rep["quant"] == "fp16"
@@ -65,6 +66,8 @@ def test_make_deploy_end_to_end(tiny, tmp_path):
     by = {a["format"]: a for a in rep["artifacts"]}
     assert by["coreml"]["method"] == "simulated" and by["onnx"]["method"] == "measured"
     assert by["onnx"]["latency"][0]["method"] == "measured"
+    iphone = [l for l in by["coreml"]["latency"] if l["target"].startswith("iPhone")]
+    assert iphone and iphone[-1]["method"] == "estimated" and iphone[-1]["extrapolated"]
     assert "simulated" in (folder / "report.md").read_text()
 
     # Unchanged recipe: nothing runs.

@@ -31,6 +31,6 @@ STAGES = {s.name: s for s in [
           code=("pipeline.stages.export", *MODEL_CODE, *DATA_CODE, *FORMAT_CODE), libraries=CONVERTERS),
     Stage("validate", validate.run, needs=("reparam", "export"), sections=("data",),
           fingerprint=validate.fingerprint,
-          code=("pipeline.stages.validate", "pipeline.runtimes", *MODEL_CODE, *DATA_CODE, *FORMAT_CODE),
+          code=("pipeline.stages.validate", "pipeline.runtimes", "pipeline.latency", *MODEL_CODE, *DATA_CODE, *FORMAT_CODE),
           libraries=CONVERTERS + ("pillow",)),
 ]}

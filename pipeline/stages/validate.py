@@ -29,6 +29,8 @@ class ValidateConfig:
     latency_runs: int = 50
     latency_warmup: int = 10
     threads: list[int] = field(default_factory=lambda: [1, 0])   # 0: all cores
+    iphone: bool = True            # iPhone latency of Core ML artifacts: measured if a device
+                                   # is attached (macOS), else estimated
     crop_pct: Optional[float] = None  # evaluation crop; default: the model's
 
     def validate(self):
@@ -155,8 +157,17 @@ def run(cfg: ValidateConfig, inputs: dict, out_dir: Path, data: DataConfig) -> d
                                          "runtime": rt.name, **lat, "method": "measured",
                                          "details": f"{cpu_name()}, batch 1, {cfg.latency_warmup} "
                                                     f"warm-up + {cfg.latency_runs} runs"})
+        if f == "coreml" and cfg.iphone:
+            entry["latency"] += iphone_latency(export_dir / a["path"], cfg.latency_runs)
         out["artifacts"].append(entry)
     return out
+
+
+def iphone_latency(path: Path, runs: int) -> list[dict]:
+    from ..latency import estimate, measure_on_device
+
+    measured = measure_on_device(path, runs)
+    return ([measured] if measured else []) + [estimate(path)]
 
 
 def sets_pixel(pre) -> np.ndarray:

@@ -133,3 +133,15 @@ def test_tflite_fp16_halves_the_file(trained, tmp_path):
     f32 = export("tflite", "fp32", trained, tmp_path).path.stat().st_size
     r = export("tflite", "fp16", trained, tmp_path)
     assert 0.45 < r.path.stat().st_size / f32 < 0.6 and r.facts["parity"]["top1_agreement"] == 1.0
+
+
+@pytest.mark.skipif(__import__("platform").system() != "Darwin", reason="Core ML prediction needs macOS")
+@pytest.mark.parametrize("scheme", ["fp32", "fp16", "int8"])
+def test_coreml_prediction_matches_the_simulation_on_macos(scheme, trained, tmp_path):
+    from pipeline.runtimes import CoreMLRuntime, MilRuntime
+
+    r = export("coreml", scheme, trained, tmp_path)
+    real = CoreMLRuntime(r.path, trained.meta, compute_units="CPU_ONLY").predict(trained.check[:32])
+    simulated = MilRuntime(r.path, trained.meta).predict(trained.check[:32])
+    assert (real.argmax(1) == simulated.argmax(1)).mean() >= 0.97
+    assert np.abs(real - simulated).max() < (1e-4 if scheme == "fp32" else 3e-2)
