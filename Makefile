@@ -48,8 +48,10 @@ compare: ## Build every scheme in QUANTS and compare them in artifacts/<VARIANT>
 variants: ## The model zoo with counted and published params / MACs
 	$(PY) -m pipeline variants
 
-bench: ## Benchmarks under bench/ (ratios measured in one run)
+bench: ## Benchmarks under bench/ (ratios measured in one run; accuracy needs ../shared/data)
 	$(PY) bench/bench_reparam.py
+	$(PY) bench/bench_latency.py
+	$(PY) bench/bench_compression.py
 
 cache-ls: ## List cached stage outputs
 	$(PY) -m pipeline cache ls --artifacts $(ARTIFACTS)

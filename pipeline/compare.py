@@ -7,12 +7,10 @@ import dataclasses
 import html
 import io
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
+from .atomic import staged_dir
 from .deploy import RunOptions, deploy
 from .report import UNTRAINED
 
@@ -59,24 +57,12 @@ def compare(opts: RunOptions, quants: list[str], log: Callable[[str], None] = pr
               "failed": [{"scheme": q, "reason": r} for q, r in failures.items()],
               "notes": sorted({n for rep in reports.values() for n in rep["notes"]})}
     folder = opts.artifacts / f"{variant}-compare"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with staged_dir(folder) as tmp:
         png = plot(result)
         (tmp / "compare.png").write_bytes(png)
         (tmp / "compare.json").write_text(json.dumps(result, indent=1, default=str))
         (tmp / "compare.md").write_text(markdown(result))
         (tmp / "compare.html").write_text(page(result, png))
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.rename(folder, old)
-            os.rename(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result, folder
 
 

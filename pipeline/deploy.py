@@ -5,12 +5,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from . import report as report_mod
+from .atomic import staged_dir
 from .config import RECIPES_DIR, Recipe, RecipeError, load_recipe
 from .runner import Cache, run_stages
 from .stages import SECTIONS, STAGES
@@ -62,9 +62,7 @@ def resolve_recipe(opts: RunOptions) -> Recipe:
 def publish(folder: Path, records: dict, report: dict, md: str) -> None:
     """Assemble the deploy folder beside its final place, then swap it in: a reader never
     sees a half-written folder."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with staged_dir(folder) as tmp:
         export_dir = records["export"].dir if "export" in records else None
         if export_dir:
             for a in report["artifacts"]:
@@ -75,16 +73,6 @@ def publish(folder: Path, records: dict, report: dict, md: str) -> None:
                 shutil.copytree(Path(__file__).parent / "resources" / "RepViTBench", tmp / "RepViTBench")
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
         (tmp / "report.md").write_text(md)
-        if folder.exists():
-            trash = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.rename(folder, trash)
-            os.rename(tmp, folder)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def deploy(opts: RunOptions, log: Callable[[str], None] = print) -> tuple[dict, Path]:
@@ -120,8 +108,13 @@ def summary(rep: dict, folder: Path) -> str:
             lat_s += (f", {phone['target']} {phone['median_ms']:.2f} ms ({phone['method']}"
                       + (f", ±{err['loo_mean_abs']:.2f} ms" if err else "")
                       + (", EXTRAPOLATED outside the fitted range" if phone.get("extrapolated") else "") + ")")
+        b = a.get("budget") or {}
+        budget = ""
+        if b.get("met") is not None:
+            budget = (f", budget {'met' if b['met'] else 'MISSED'} ({b['drop']:.2f} "
+                      f"{'<=' if b['met'] else '>'} {b['max_drop']} {b['unit']})")
         lines.append(f"  {a['format']:7} {a['path']:34} {a['bytes'] / 1e6:7.2f} MB  {quality} "
-                     f"[{a['method']}]{lat_s}")
+                     f"[{a['method']}]{lat_s}{budget}")
     for s in rep["skipped"]:
         lines.append(f"  {s['format']:7} not produced: {s['reason']}")
     if not rep["weights"]["trained"]:

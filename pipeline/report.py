@@ -44,6 +44,7 @@ def build(variant: str, quant: str, recipe_name: str, records: dict, out_dir: Pa
             "runtime": v.get("runtime"), "method": v.get("method"),
             "accuracy": v.get("accuracy"), "fidelity": v.get("fidelity"), "latency": v.get("latency", []),
             "export": {k: val for k, val in a.items() if k not in ("format", "path")}})
+    budget_of(artifacts, records, validated.get("reference"))
     weights = load["weights"]
     notes = []
     if not weights["trained"]:
@@ -66,6 +67,23 @@ def build(variant: str, quant: str, recipe_name: str, records: dict, out_dir: Pa
         "host": {"os": f"{platform.system()} {platform.release()}", "machine": platform.machine(),
                  "python": platform.python_version()},
     }
+
+
+def budget_of(artifacts: list[dict], records: dict, reference: Optional[dict]) -> None:
+    """Each artifact's drop against the scheme's ``max_drop``: top-1 points with labels,
+    top-1 agreement points without."""
+    max_drop = (records["quantize"].facts if "quantize" in records else {}).get("max_drop")
+    ref_acc = (reference or {}).get("accuracy")
+    for a in artifacts:
+        if a.get("accuracy") and ref_acc:
+            drop, unit = 100 * (ref_acc["top1"] - a["accuracy"]["top1"]), "top-1 points"
+        elif a.get("fidelity"):
+            drop, unit = 100 * (1 - a["fidelity"]["top1_agreement"]), "agreement points"
+        else:
+            a["budget"] = None
+            continue
+        a["budget"] = {"max_drop": max_drop, "drop": round(drop, 3), "unit": unit,
+                       "met": None if max_drop is None else drop <= max_drop}
 
 
 def _calibration(records: dict) -> str:
@@ -144,6 +162,16 @@ def markdown(r: dict) -> str:
         lines.append("Measure on your own device: `RepViTBench/` (a Swift package) runs the "
                      ".mlpackage and writes JSON; `python -m pipeline latency import result.json "
                      "--report <this folder>/report.json` adds it here as measured.\n")
+    missed = [a for a in r["artifacts"] if (a.get("budget") or {}).get("met") is False]
+    for a in r["artifacts"]:
+        b = a.get("budget")
+        if b and b["max_drop"] is not None:
+            lines.append(f"- Budget, {a['format']}: drop {b['drop']:.2f} {b['unit']} against max_drop "
+                         f"{b['max_drop']} ({'met' if b['met'] else '**missed**'}).")
+    if missed:
+        lines.append("\n> The accuracy budget was missed. This version reports it; it does not yet "
+                     "keep sensitive layers in float to recover (planned: the accuracy-aware pass).")
+    lines.append("")
     if r["skipped"]:
         lines += ["## Not produced", ""] + [f"- {s['format']}: {s['reason']}" for s in r["skipped"]] + [""]
     lines += ["## Export checks", ""]

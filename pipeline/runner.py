@@ -20,15 +20,14 @@ import importlib
 import importlib.metadata
 import inspect
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from .atomic import staged_dir, staging_prefix
 from .config import to_dict
 
 MANIFEST = "manifest.json"
@@ -135,17 +134,6 @@ class Cache:
         return removed
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Move a finished folder into place; an existing one (a forced re-run) is swapped out."""
-    if final.exists():
-        trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-
-
 def run_stage(stage: Stage, config: Any, others: dict[str, Any], inputs: dict[str, StageRecord],
               cache: Cache, force: bool = False, log: Callable[[str], None] = print,
               position: str = "") -> StageRecord:
@@ -160,12 +148,11 @@ def run_stage(stage: Stage, config: Any, others: dict[str, Any], inputs: dict[st
         if not force and cache.has(stage.name, key):  # another process made it meanwhile
             log(f"{label} cached   ({key[:12]}, made by a concurrent run)")
             return StageRecord(stage.name, key, True, 0.0, final, cache.manifest(stage.name, key)["facts"])
-        for stale in final.parent.glob(f".tmp-{key}-*"):  # left by a killed run
+        for stale in final.parent.glob(staging_prefix(final) + "*"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=final.parent))
-        log(f"{label} running  ({key[:12]})")
-        start = time.perf_counter()
-        try:
+        with staged_dir(final) as tmp:
+            log(f"{label} running  ({key[:12]})")
+            start = time.perf_counter()
             facts = stage.run(config, {n: r.dir for n, r in inputs.items()}, tmp, **others) or {}
             seconds = time.perf_counter() - start
             outputs = [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": _sha256(p)}
@@ -173,10 +160,6 @@ def run_stage(stage: Stage, config: Any, others: dict[str, Any], inputs: dict[st
             manifest = {**payload, "key": key, "facts": facts, "outputs": outputs,
                         "seconds": round(seconds, 3), "created": time.time()}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-            _publish(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     log(f"{label} done in {seconds:.1f} s")
     return StageRecord(stage.name, key, False, seconds, final, facts)
 

@@ -61,6 +61,17 @@ def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
             "n": int(len(reference))}
 
 
+def check_parity(name: str, reference: np.ndarray, candidate: np.ndarray, runtime: str,
+                 gate: Optional[float]) -> dict:
+    """Parity facts of ``candidate`` against ``reference``; with ``gate`` (a tolerance
+    relative to max |reference|, for float schemes) a larger difference is an error."""
+    p = {**parity(reference, candidate), "runtime": runtime}
+    if gate is not None and p["relative"] > gate:
+        raise ExportError(f"{name} parity failed: max |diff| {p['max_abs_diff']:.3g} > "
+                          f"{gate:g} x max |output| {p['max_abs_logit']:.3g}")
+    return p
+
+
 def torch_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model.eval()(torch.from_numpy(x)).numpy()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..quiet import quiet
-from . import ExportContext, ExportError, ExportResult, normalized, parity, torch_logits
+from . import ExportContext, ExportError, ExportResult, check_parity, normalized, torch_logits
 
 TARGETS = ("iOS16", "iOS17", "iOS18")
 PREVIEW_KEY = "com.apple.coreml.model.preview.type"
@@ -145,12 +145,11 @@ class CoreMLExporter:
         if ctx.check_inputs is not None:
             ref = torch_logits(model, normalized(ctx.check_inputs, m))
             ref = torch.softmax(torch.from_numpy(ref), 1).numpy()
-            p = parity(ref, image_probabilities(ctx.out_path, ctx.check_inputs))
-            p["runtime"] = ("simulated: MIL program read back and interpreted in PyTorch at its "
-                            f"declared precision ({precision}), vs PyTorch float32 probabilities")
-            if precision == "fp32" and p["relative"] > cfg.tolerance:
-                raise ExportError(f"Core ML parity (simulated) failed: max |diff| {p['max_abs_diff']:.3g}")
-            facts["parity"] = p
+            facts["parity"] = check_parity(
+                "Core ML (simulated)", ref, image_probabilities(ctx.out_path, ctx.check_inputs),
+                "simulated: MIL program read back and interpreted in PyTorch at its declared "
+                f"precision ({precision}), vs PyTorch float32 probabilities",
+                cfg.tolerance if precision == "fp32" and ctx.scheme == "fp32" else None)
         facts["host"] = platform.system()
         return ExportResult(ctx.out_path, facts)
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..quiet import quiet
-from . import ExportContext, ExportError, ExportResult, normalized, parity, torch_logits
+from . import ExportContext, ExportError, ExportResult, check_parity, normalized, torch_logits
 
 
 @dataclass
@@ -77,7 +77,7 @@ class TFLiteExporter:
     def unsupported(self, scheme: str) -> Optional[str]:
         if scheme.startswith("pal"):
             return "TFLite has no palettized (look-up-table) weight type"
-        if scheme not in ("fp32", "fp16", "int8"):
+        if scheme not in ("fp32", "fp16", "int8", "w8"):
             return f"{scheme} for TFLite is not available in this version"
         return None
 
@@ -99,11 +99,15 @@ class TFLiteExporter:
             self._fp16(float_path, path)
         elif ctx.scheme == "int8":
             self._int8(float_path, path, normalized(ctx.calibration, ctx.meta).transpose(0, 2, 3, 1))
+        elif ctx.scheme == "w8":
+            self._dynamic_range(float_path, path)
         else:
             os.replace(float_path, path)
         float_path.unlink(missing_ok=True)
         layout = "NHWC float32, RGB, (pixel/255 - mean) / std"
-        weights = {"fp16": "float16", "int8": "int8 per channel"}.get(ctx.scheme, "float32")
+        weights = {"fp16": "float16", "int8": "int8 per channel",
+                   "w8": "int8 per channel, dynamic-range (activations quantized at run time)"
+                   }.get(ctx.scheme, "float32")
         if ctx.scheme == "int8":
             d = interpreter(path).get_input_details()[0]
             layout = (f"NHWC int8 = round(((pixel/255 - mean) / std) / {d['quantization'][0]:.6g}) "
@@ -115,12 +119,10 @@ class TFLiteExporter:
                               "variant": ctx.variant}}
         if ctx.check_inputs is not None:
             x = normalized(ctx.check_inputs, ctx.meta)
-            p = parity(torch_logits(model, x), run_tflite(path, x))
-            p["runtime"] = "LiteRT interpreter CPU (measured), vs PyTorch float32"
-            if ctx.scheme == "fp32" and p["relative"] > cfg.tolerance:
-                raise ExportError(f"TFLite parity failed: max |diff| {p['max_abs_diff']:.3g} > "
-                                  f"{cfg.tolerance:g} x max |logit| {p['max_abs_logit']:.3g}")
-            facts["parity"] = p
+            facts["parity"] = check_parity(
+                "TFLite", torch_logits(model, x), run_tflite(path, x),
+                "LiteRT interpreter CPU (measured), vs PyTorch float32",
+                cfg.tolerance if ctx.scheme == "fp32" else None)
         return ExportResult(path, facts)
 
     @staticmethod
@@ -132,6 +134,14 @@ class TFLiteExporter:
                 _int8_calibrate_and_quantize(src, dst, np.ascontiguousarray(calibration_nhwc, np.float32))
         except Exception as e:
             raise ExportError(f"TFLite int8 quantization failed: {type(e).__name__}: {e}") from e
+
+    @staticmethod
+    def _dynamic_range(src: Path, dst: Path) -> None:
+        """TFLite's dynamic-range scheme: int8 weights, float activations quantized on the fly."""
+        from ai_edge_quantizer import quantizer, recipe
+
+        with quiet():
+            quantizer.Quantizer(str(src), recipe.dynamic_wi8_afp32()).quantize().export_model(str(dst))
 
     @staticmethod
     def _fp16(src: Path, dst: Path) -> None:

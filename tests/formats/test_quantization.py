@@ -109,3 +109,10 @@ def test_too_few_calibration_images(tmp_path):
     with pytest.raises(DataError, match=r"only 8 calibration images.*at least 32.*CALIB="):
         quantize.run(quantize.QuantizeConfig(scheme="int8"), {"reparam": tmp_path / "reparam"},
                      tmp_path / "q", data=DataConfig(calib_images=8))
+
+
+def test_tflite_dynamic_range_w8(trained, tmp_path, fp32_sizes):
+    r = export("tflite", "w8", trained, tmp_path)
+    assert 0.2 < size(r.path) / fp32_sizes["tflite"] < 0.35
+    fid = fidelity(reference_logits(trained), outputs("tflite", r.path, trained))
+    assert fid["top1_agreement"] >= 0.97 and fid["sqnr_db"] >= 25, fid

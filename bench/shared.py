@@ -1,0 +1,29 @@
+"""Locating and unpacking ../shared/data once (into the git-ignored artifacts/data)."""
+from __future__ import annotations
+
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+UNPACKED = ROOT / "artifacts" / "data"
+REFERENCE = SHARED / "reference" / "repvit_m0_9_cifar10_64px.pth"
+
+
+def require_shared() -> Path:
+    if not SHARED.is_dir():
+        print(f"skipped: {SHARED} is not present on this machine", file=sys.stderr)
+        sys.exit(0)
+    return SHARED
+
+
+def unpacked(archive: str, inner: str) -> Path:
+    """``archive`` from shared/data, unpacked once; returns UNPACKED / inner."""
+    target = UNPACKED / inner
+    if not target.is_dir():
+        UNPACKED.mkdir(parents=True, exist_ok=True)
+        print(f"unpacking {archive} (once) ...", file=sys.stderr)
+        with tarfile.open(require_shared() / archive) as tar:
+            tar.extractall(UNPACKED, filter="data")
+    return target

@@ -1,0 +1,75 @@
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data import (DataConfig, DataError, Preprocess, class_index_for, image_folder,
+                           imagenet_classes, open_image, resolve_sets)
+
+
+def make_folder(root, classes, per_class=3, size=(40, 30)):
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((size[1], size[0], 3), (40 * i) % 256, np.uint8)).save(root / c / f"{i}.jpg")
+    return root
+
+
+def test_preprocess_resizes_shorter_side_then_centre_crops():
+    pre = Preprocess(size=224, crop_pct=0.95, interpolation="bicubic")
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 500, 3), np.uint8))
+    assert pre.pixels(img).shape == (224, 224, 3)
+    assert pre(img).shape == (3, 224, 224) and pre(img).dtype == np.float32
+    # 224 / 0.95 = 235 (floor, as timm): the crop is the centre of a 235-px-high image
+    assert pre.crop(img).size == (224, 224)
+
+
+def test_image_folder_orders_classes_like_imagefolder(tmp_path):
+    s = image_folder(make_folder(tmp_path / "d", ["b", "a", "c"]))
+    assert s.classes == ("a", "b", "c") and len(s) == 9 and s.labels[:3] == (0, 0, 0)
+
+
+def test_folders_map_through_the_models_classes(tmp_path):
+    root = make_folder(tmp_path / "d", ["cat", "dog"])
+    s = image_folder(root, class_index_for(["dog", "cat", "bird"]))
+    assert set(s.labels) == {0, 1} and s.labels[0] == 1   # "cat" is output 1
+    with pytest.raises(DataError, match="not classes of this model"):
+        image_folder(root, class_index_for(["bird", "fish"]))
+
+
+def test_calibration_is_held_out_of_scoring(tmp_path):
+    root = make_folder(tmp_path / "d", ["a", "b"], per_class=10)
+    sets = resolve_sets(DataConfig(eval=str(root), calib_images=6), ["a", "b"])
+    assert len(sets.calib) == 6 and len(sets.eval) == 14
+    assert not set(sets.calib.paths) & set(sets.eval.paths)
+    again = resolve_sets(DataConfig(eval=str(root), calib_images=6), ["a", "b"])
+    assert again.calib.paths == sets.calib.paths, "deterministic"
+
+
+def test_corrupt_image_and_missing_folder(tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=r"cannot read image .*bad\.jpg"):
+        open_image(tmp_path / "bad.jpg")
+    with pytest.raises(DataError, match="data folder not found"):
+        image_folder(tmp_path / "nope")
+
+
+@pytest.fixture(scope="module")
+def imagenet_sample(tmp_path_factory):
+    from .conftest import SHARED
+    archive = SHARED / "imagenet-sample.tar.gz"
+    if not archive.exists():
+        pytest.skip("../shared/data/imagenet-sample.tar.gz is not present")
+    d = tmp_path_factory.mktemp("imagenet")
+    with tarfile.open(archive) as t:
+        t.extractall(d, filter="data")
+    return d / "imagenet-sample" / "val"
+
+
+def test_imagenet_val_tree_maps_wnids_to_model_outputs(imagenet_sample):
+    names, wnid_index = imagenet_classes()
+    s = image_folder(imagenet_sample, class_index_for(names), names)
+    assert len(s) == 1000 and sorted(s.labels) == list(range(1000))
+    for path, label in zip(s.paths[:20], s.labels[:20]):
+        assert wnid_index[path.parent.name] == label
