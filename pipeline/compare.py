@@ -34,7 +34,8 @@ def rows_of(quant: str, rep: dict) -> list[dict]:
 def _iphone(a: dict) -> dict | None:
     for l in a["latency"]:
         if l["target"].startswith("iPhone"):
-            return {"ms": l["median_ms"], "method": l["method"], "target": l["target"], "details": l.get("details")}
+            return {"ms": l["median_ms"], "method": l["method"], "target": l["target"], "details": l.get("details"),
+                    "extrapolated": bool(l.get("extrapolated"))}
     return None
 
 
@@ -118,7 +119,8 @@ def table_rows(result: dict) -> list[list[str]]:
         iph = r.get("iphone")
         out.append([r["scheme"], r["format"], _fmt(r["mb"], ".2f"), _fmt(r["top1"], ".2f", 100),
                     _fmt(r["agreement"], ".2f", 100), _fmt(r["host_ms"], ".2f"),
-                    f"{iph['ms']:.2f} ({iph['method']})" if iph else "-", r["method"]])
+                    f"{iph['ms']:.2f} ({iph['method']}{', extrapolated' if iph.get('extrapolated') else ''})"
+                    if iph else "-", r["method"]])
     for f in result["failed"]:
         out.append([f["scheme"], "all", "-", "-", "-", "-", "-", f"not produced: {f['reason']}"])
     return out
@@ -149,7 +151,8 @@ def page(result: dict, png: bytes) -> str:
 <title>RepViT-{e(result['variant'].upper())} compare</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
-td:nth-child(-n+2),th{{text-align:left}}.note{{background:#fff4d6;padding:6px 10px}}</style></head>
+td:nth-child(-n+2),td:last-child,th{{text-align:left}}.note{{background:#fff4d6;padding:6px 10px}}
+img{{max-width:100%;height:auto}}</style></head>
 <body><h1>RepViT-{e(result['variant'].upper())}: schemes compared</h1>{notes}
 <p>Evaluation images: {e(str(result['data']['eval']))}</p>
 <table><tr>{''.join(f'<th>{e(h)}</th>' for h in HEADER)}</tr>{rows}</table>
