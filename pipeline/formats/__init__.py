@@ -6,6 +6,7 @@ a scheme says why (``unsupported``) and is skipped: nothing is ever silently sub
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol
@@ -43,6 +44,16 @@ class Exporter(Protocol):
 
     def export(self, model: torch.nn.Module, ctx: ExportContext, cfg) -> ExportResult:
         ...
+
+
+def model_metadata(ctx: ExportContext, input_layout: str) -> dict[str, str]:
+    """What an app needs to feed and read the model, as strings (ONNX metadata_props; the
+    report for formats that keep it beside the model)."""
+    m = ctx.meta
+    return {"labels": json.dumps(m["classes"]), "mean": json.dumps(m["mean"]), "std": json.dumps(m["std"]),
+            "input_layout": input_layout, "input_size": str(m["input_size"]), "crop_pct": str(m["crop_pct"]),
+            "interpolation": m["interpolation"], "variant": ctx.variant,
+            "weights_sha256": str(m.get("weights", {}).get("sha256")), "scheme": ctx.scheme}
 
 
 def normalized(pixels: np.ndarray, meta: dict) -> np.ndarray:

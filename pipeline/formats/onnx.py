@@ -3,7 +3,6 @@ exporter writes an Erf decomposition that ran 12-15% slower here), one file, dyn
 batch; onnxsim kept only where it verifiably shrinks the graph."""
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,8 @@ import numpy as np
 import torch
 
 from ..quiet import quiet
-from . import ExportContext, ExportError, ExportResult, check_parity, normalized, torch_logits
+from . import (ExportContext, ExportError, ExportResult, check_parity, model_metadata, normalized,
+               torch_logits)
 
 INPUT, OUTPUT = "input", "logits"
 
@@ -54,15 +54,6 @@ def session(path: Path, threads: int = 1):
 def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
     sess = session(path)
     return np.concatenate([sess.run(None, {INPUT: x[i:i + 16]})[0] for i in range(0, len(x), 16)])
-
-
-def _metadata(ctx: ExportContext) -> dict[str, str]:
-    m = ctx.meta
-    return {"labels": json.dumps(m["classes"]), "mean": json.dumps(m["mean"]), "std": json.dumps(m["std"]),
-            "input_layout": "NCHW float32, RGB, (pixel/255 - mean) / std",
-            "input_size": str(m["input_size"]), "crop_pct": str(m["crop_pct"]),
-            "interpolation": m["interpolation"], "variant": ctx.variant,
-            "weights_sha256": str(m.get("weights", {}).get("sha256")), "scheme": ctx.scheme}
 
 
 def quantize_int8(path: Path, calibration: np.ndarray, cfg: OnnxConfig) -> None:
@@ -138,7 +129,7 @@ class OnnxExporter:
                                   f"{cfg.activations} per tensor, {cfg.calibration} calibration on "
                                   f"{len(ctx.calibration)} images (onnxruntime.quantization)")
         proto = onnx.load(str(path))
-        for k, v in _metadata(ctx).items():
+        for k, v in model_metadata(ctx, "NCHW float32, RGB, (pixel/255 - mean) / std").items():
             proto.metadata_props.add(key=k, value=v)
         onnx.save(proto, str(path))
         if ctx.check_inputs is not None:

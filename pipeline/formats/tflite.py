@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from ..quiet import quiet
-from . import ExportContext, ExportError, ExportResult, check_parity, normalized, torch_logits
+from . import (ExportContext, ExportError, ExportResult, check_parity, model_metadata, normalized,
+               torch_logits)
 
 
 @dataclass
@@ -114,9 +115,7 @@ class TFLiteExporter:
                       f"+ {d['quantization'][1]} (full-integer model; output int8, dequantize "
                       "with its own scale / zero point)")
         facts = {"input_layout": layout, "weights": weights, "ops": op_counts(path),
-                 "metadata": {"labels": "labels.txt beside the model", "mean": ctx.meta["mean"],
-                              "std": ctx.meta["std"], "crop_pct": ctx.meta["crop_pct"],
-                              "variant": ctx.variant}}
+                 "metadata": {**model_metadata(ctx, layout), "labels": "labels.txt beside the model"}}
         if ctx.check_inputs is not None:
             x = normalized(ctx.check_inputs, ctx.meta)
             facts["parity"] = check_parity(
