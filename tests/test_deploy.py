@@ -86,11 +86,13 @@ def test_untrained_weights_say_so_everywhere(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "pipeline", "deploy", "--quant", "fp32", "--variant", "m0.6", "--ckpt",
          "random", "--artifacts", str(tmp_path), "--set", "export.formats=[onnx]",
-         "--set", "load.input_size=32", *sum((["--set", s] for s in FAST.split()), [])],
+         "--set", "load.input_size=32", *sum((["--set", s] for s in FAST.split()), []), "--json"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    assert "untrained weights: accuracy figures are meaningless" in out.stdout
+    assert "untrained weights: accuracy figures are meaningless" in out.stderr
+    printed = json.loads(out.stdout)   # --json: stdout is the report alone, for scripts
     rep = json.loads((tmp_path / "m0.6-fp32" / "report.json").read_text())
+    assert printed == rep
     assert rep["weights"]["trained"] is False and "CKPT=random" in rep["weights"]["reason"]
     assert (tmp_path / "m0.6-fp32" / "report.md").read_text().splitlines()[2].startswith(
         "> **untrained weights: accuracy figures are meaningless.**")

@@ -18,7 +18,7 @@ SECTIONS = {"load": load.LoadConfig, "reparam": reparam.ReparamConfig,
             "validate": validate.ValidateConfig, "data": DataConfig}
 
 STAGES = {s.name: s for s in [
-    Stage("load", load.run, fingerprint=lambda cfg: load.fingerprint(cfg),
+    Stage("load", load.run, fingerprint=load.fingerprint,
           code=("pipeline.stages.load", "pipeline.download", *MODEL_CODE, *DATA_CODE),
           libraries=("torch",)),
     Stage("reparam", reparam.run, needs=("load",),

@@ -2,6 +2,7 @@
 against its PyTorch twin on natural images."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -53,13 +54,13 @@ def run(cfg: ExportConfig, inputs: dict, out_dir: Path) -> dict:
         reason = exporter.unsupported(scheme)
         if reason:
             artifacts.append({"format": name, "path": None, "skipped": reason})
-            print(f"    {name}: skipped: {reason}")
+            print(f"    {name}: skipped: {reason}", file=sys.stderr)
             continue
         ctx = ExportContext(scheme, ckpt.meta, model.variant.name, out_dir / (stem + exporter.suffix),
                             calibration, check)
         result = exporter.export(model, ctx, getattr(cfg, name))
         artifacts.append({"format": name, "path": result.path.name, **result.facts})
-        print(f"    {name}: {result.path.name}")
+        print(f"    {name}: {result.path.name}", file=sys.stderr)
     (out_dir / "labels.txt").write_text("\n".join(ckpt.meta["classes"]) + "\n")
     return {"scheme": scheme, "variant": model.variant.name, "artifacts": artifacts}
 
