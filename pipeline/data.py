@@ -197,6 +197,9 @@ class DataConfig:
     eval: Optional[str] = None
     calib: Optional[str] = None
     calib_images: int = 256
+    # Labelled CALIB images, disjoint from the calibration ones, on which the accuracy-aware
+    # pass checks max_drop before validation (the scored DATA is never used for it).
+    budget_images: int = 500
     eval_images: Optional[int] = None   # score N images, a deterministic spread over the set
     seed: int = 0
 
@@ -270,3 +273,14 @@ def calibration_pixels(sets: Sets, cfg: DataConfig, pre: Preprocess, progress=No
         if progress:
             progress(1)
     return np.stack(out)
+
+
+def budget_pixels(sets: Sets, cfg: DataConfig, pre: Preprocess) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(uint8 NHWC, labels) of labelled CALIB images not used for calibration, or None
+    when CALIB is absent or unlabelled."""
+    if sets.calib is None or not sets.calib.labels or len(sets.calib) <= cfg.calib_images:
+        return None
+    rest = sets.calib.split(cfg.calib_images, cfg.seed)[1]
+    if len(rest) > cfg.budget_images:
+        rest = rest.split(cfg.budget_images, cfg.seed + 2, ("budget", "rest"))[0]
+    return np.stack([pre.pixels(open_image(p)) for p in rest.paths]), np.asarray(rest.labels)

@@ -168,9 +168,20 @@ def markdown(r: dict) -> str:
         if b and b["max_drop"] is not None:
             lines.append(f"- Budget, {a['format']}: drop {b['drop']:.2f} {b['unit']} against max_drop "
                          f"{b['max_drop']} ({'met' if b['met'] else '**missed**'}).")
+    for a in r["artifacts"]:
+        aa = a["export"].get("accuracy_aware")
+        if aa and aa["checked"]:
+            kept = ", ".join(f"`{l}`" for l in aa["float_layers"]) or "none"
+            lines.append(f"- Accuracy-aware pass, {a['format']}: top-1 drop {aa['drop_before']:.2f} -> "
+                         f"{aa['drop_after']:.2f} ± {aa['standard_error']:.2f} points (1 s.e.) on "
+                         f"{aa['images']} held-out CALIB images ({'met' if aa['met'] else '**missed**'}); "
+                         f"layers kept in float: {kept}.")
+        elif aa:
+            lines.append(f"- Accuracy-aware pass, {a['format']}: not run ({aa['reason']}).")
     if missed:
-        lines.append("\n> The accuracy budget was missed. This version reports it; it does not yet "
-                     "keep sensitive layers in float to recover (planned: the accuracy-aware pass).")
+        lines.append("\n> The accuracy budget was missed on the evaluation images. The "
+                     "accuracy-aware pass, where it ran, checked the budget on held-out CALIB "
+                     "images; see above.")
     lines.append("")
     if r["skipped"]:
         lines += ["## Not produced", ""] + [f"- {s['format']}: {s['reason']}" for s in r["skipped"]] + [""]

@@ -27,6 +27,7 @@ class ExportContext:
     out_path: Path                   # where the artifact must be written
     calibration: Optional[np.ndarray] = None   # uint8 NHWC crops
     check_inputs: Optional[np.ndarray] = None  # uint8 NHWC natural crops for parity checks
+    float_layers: tuple[str, ...] = ()         # fused-model layers the int8 scheme keeps in float
 
 
 @dataclass
@@ -44,6 +45,9 @@ class Exporter(Protocol):
 
     def export(self, model: torch.nn.Module, ctx: ExportContext, cfg) -> ExportResult:
         ...
+
+    # Whether ``ExportContext.float_layers`` is honoured (the accuracy-aware pass needs it).
+    keeps_float_layers: bool
 
 
 def model_metadata(ctx: ExportContext, input_layout: str) -> dict[str, str]:

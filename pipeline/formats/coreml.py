@@ -94,6 +94,7 @@ def _set_metadata(ml, ctx: ExportContext, cfg: CoreMLConfig, precision: str) -> 
 
 class CoreMLExporter:
     name, suffix = "coreml", ".mlpackage"
+    keeps_float_layers = True
 
     def unsupported(self, scheme: str) -> Optional[str]:
         if scheme not in ("fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8"):
@@ -112,7 +113,7 @@ class CoreMLExporter:
             if cfg.deployment_target == "iOS16":
                 raise ExportError("Core ML W8A8 (int8 activations) needs iOS17 or later: set "
                                   "export.coreml.deployment_target=iOS17")
-            wrapped = quantize_w8a8(wrapped, ctx.calibration, m["mean"])
+            wrapped = quantize_w8a8(wrapped, ctx.calibration, m["mean"], ctx.float_layers)
         with quiet():
             traced = torch.jit.trace(wrapped, torch.zeros(1, 3, size, size))
             try:
@@ -154,7 +155,8 @@ class CoreMLExporter:
         return ExportResult(ctx.out_path, facts)
 
 
-def quantize_w8a8(wrapped: nn.Module, calibration: np.ndarray, mean: list[float]) -> nn.Module:
+def quantize_w8a8(wrapped: nn.Module, calibration: np.ndarray, mean: list[float],
+                  float_layers: tuple[str, ...] = ()) -> nn.Module:
     """Fake-quantized twin of ``wrapped`` whose observers saw the calibration images; its
     conversion is a W8A8 ML program. No training: fake quantization stays off while the
     min/max observers run, and BatchNorm is already folded."""
@@ -163,9 +165,12 @@ def quantize_w8a8(wrapped: nn.Module, calibration: np.ndarray, mean: list[float]
 
     x = torch.from_numpy(calibration.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
                          - np.asarray(mean, np.float32).reshape(1, 3, 1, 1))
-    config = LinearQuantizerConfig(global_config=ModuleLinearQuantizerConfig(
-        quantization_scheme="symmetric", weight_per_channel=True, activation_observer="min_max",
-        milestones=[0, 1 << 30, 1 << 30, 0]))
+    config = LinearQuantizerConfig(
+        global_config=ModuleLinearQuantizerConfig(
+            quantization_scheme="symmetric", weight_per_channel=True, activation_observer="min_max",
+            milestones=[0, 1 << 30, 1 << 30, 0]),
+        # None: the module stays float (the wrapper holds the fused model as "model").
+        module_name_configs={f"model.{layer}": None for layer in float_layers})
     with quiet():
         quantizer = LinearQuantizer(wrapped, config)
         prepared = quantizer.prepare(example_inputs=(x[:1],), inplace=False)

@@ -56,7 +56,8 @@ def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
     return np.concatenate([sess.run(None, {INPUT: x[i:i + 16]})[0] for i in range(0, len(x), 16)])
 
 
-def quantize_int8(path: Path, calibration: np.ndarray, cfg: OnnxConfig) -> None:
+def quantize_int8(path: Path, calibration: np.ndarray, cfg: OnnxConfig,
+                  float_layers: tuple[str, ...] = ()) -> None:
     """Static QDQ quantization in place: per-channel symmetric int8 weights, per-tensor
     activations calibrated on ``calibration`` (float NCHW, normalized)."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
@@ -75,12 +76,22 @@ def quantize_int8(path: Path, calibration: np.ndarray, cfg: OnnxConfig) -> None:
     try:
         with quiet():
             quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
+            import onnx
+
+            # The dynamo exporter names each weight after its module: "<layer>.weight".
+            keep = {f"{layer}.weight" for layer in float_layers}
+            exclude = [n.name for n in onnx.load(str(pre)).graph.node
+                       if n.op_type in ("Conv", "Gemm") and keep & set(n.input)]
+            if len(exclude) != len(keep):
+                raise ExportError(f"could not find {len(keep) - len(exclude)} of the layers to keep "
+                                  "in float in the ONNX graph")
             quantize_static(
                 str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8 if cfg.activations == "uint8" else QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=(CalibrationMethod.MinMax if cfg.calibration == "minmax"
                                   else CalibrationMethod.Percentile),
+                nodes_to_exclude=exclude,
                 extra_options={"WeightSymmetric": True, "ActivationSymmetric": cfg.activations == "int8"})
     except Exception as e:
         raise ExportError(f"ONNX int8 quantization failed: {type(e).__name__}: {e}") from e
@@ -90,6 +101,7 @@ def quantize_int8(path: Path, calibration: np.ndarray, cfg: OnnxConfig) -> None:
 
 class OnnxExporter:
     name, suffix = "onnx", ".onnx"
+    keeps_float_layers = True
 
     def unsupported(self, scheme: str) -> Optional[str]:
         if scheme.startswith("pal"):
@@ -124,7 +136,7 @@ class OnnxExporter:
             facts["precision"] = ("float32: onnxruntime's CPU provider has no float16 kernels that "
                                   "would make an fp16 graph faster, so the ONNX model stays fp32")
         if ctx.scheme == "int8":
-            quantize_int8(path, normalized(ctx.calibration, ctx.meta), cfg)
+            quantize_int8(path, normalized(ctx.calibration, ctx.meta), cfg, ctx.float_layers)
             facts["precision"] = (f"int8 QDQ: weights int8 per channel (symmetric), activations "
                                   f"{cfg.activations} per tensor, {cfg.calibration} calibration on "
                                   f"{len(ctx.calibration)} images (onnxruntime.quantization)")

@@ -74,6 +74,9 @@ def op_counts(path: Path) -> dict[str, int]:
 
 class TFLiteExporter:
     name, suffix = "tflite", ".tflite"
+    # ai-edge-quantizer selects ops by tensor-name regex; litert-torch names tensors by class
+    # path with instance counters, not module names: no reliable mapping yet.
+    keeps_float_layers = False
 
     def unsupported(self, scheme: str) -> Optional[str]:
         if scheme.startswith("pal"):

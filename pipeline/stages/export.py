@@ -2,16 +2,20 @@
 against its PyTorch twin on natural images."""
 from __future__ import annotations
 
+import json
+import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 
 from ..checkpoints import load_model
 from ..data import sample_images
-from ..formats import ExportContext, get_exporter
+from ..formats import ExportContext, ExportError, get_exporter, normalized
+from ..runtimes import open_runtime
 from ..formats.coreml import CoreMLConfig
 from ..formats.onnx import OnnxConfig
 from ..formats.tflite import TFLiteConfig
@@ -58,15 +62,79 @@ def run(cfg: ExportConfig, inputs: dict, out_dir: Path) -> dict:
             continue
         ctx = ExportContext(scheme, ckpt.meta, model.variant.name, out_dir / (stem + exporter.suffix),
                             calibration, check)
-        result = exporter.export(model, ctx, getattr(cfg, name))
-        artifacts.append({"format": name, "path": result.path.name, **result.facts})
+        result, budget = export_within_budget(exporter, model, ctx, getattr(cfg, name), quant)
+        artifacts.append({"format": name, "path": result.path.name, **result.facts,
+                          **({"accuracy_aware": budget} if budget else {})})
         print(f"    {name}: {result.path.name}", file=sys.stderr)
     (out_dir / "labels.txt").write_text("\n".join(ckpt.meta["classes"]) + "\n")
     return {"scheme": scheme, "variant": model.variant.name, "artifacts": artifacts}
 
 
-def _scheme(quant_dir: Path) -> str:
-    import json
+def measure_drop(fmt: str, ctx: ExportContext, pixels: np.ndarray, labels: np.ndarray,
+                 float_correct: np.ndarray) -> tuple[float, float]:
+    """Top-1 points the artifact loses against the float model in the artifact's runtime,
+    and the standard error of that paired difference."""
+    rt = open_runtime(fmt, ctx.out_path, ctx.meta)
+    scores = np.concatenate([rt.predict(pixels[i:i + 32]) for i in range(0, len(pixels), 32)])
+    diff = float_correct.astype(np.float64) - (scores.argmax(1) == labels)
+    return float(100 * diff.mean()), float(100 * diff.std(ddof=1) / np.sqrt(len(diff)))
 
+
+def export_within_budget(exporter, model, ctx: ExportContext, cfg, quant_dir: Path):
+    """Export; for int8 with a budget, keep the most sensitive layers in float (1, 2, 4, ...)
+    until the top-1 drop on labelled held-out CALIB images is within ``max_drop``, and ship
+    the best attempt. A budget still missed warns, or fails with ``on_budget_miss: error``."""
+    result = exporter.export(model, ctx, cfg)
+    facts = json.loads((quant_dir / "manifest.json").read_text())["facts"]
+    max_drop = facts.get("max_drop")
+    if ctx.scheme != "int8" or max_drop is None:
+        return result, None
+    budget = facts.get("budget_set")
+    if budget is None:
+        return result, {"checked": False, "reason": "needs labelled CALIB images; max_drop is "
+                                                    "checked only after validation"}
+    if not exporter.keeps_float_layers:
+        return result, {"checked": False, "reason": f"keeping layers in float is not available for "
+                                                    f"{exporter.name} in this version"}
+    pixels, labels = np.load(quant_dir / "budget_pixels.npy"), np.load(quant_dir / "budget_labels.npy")
+    ranking = [r["layer"] for r in json.loads((quant_dir / "sensitivity.json").read_text())]
+    with torch.no_grad():
+        float_correct = model(torch.from_numpy(normalized(pixels, ctx.meta))).argmax(1).numpy() == labels
+
+    attempts = [((), *measure_drop(exporter.name, ctx, pixels, labels, float_correct))]
+    k = 1
+    while attempts[-1][1] > max_drop and k <= budget["max_float_layers"]:
+        print(f"    {exporter.name}: drop {attempts[-1][1]:.2f} > max_drop {max_drop}: "
+              f"{k} layer(s) in float", file=sys.stderr)
+        kept = tuple(ranking[:k])
+        _remove(ctx.out_path)
+        result = exporter.export(model, replace(ctx, float_layers=kept), cfg)
+        attempts.append((kept, *measure_drop(exporter.name, ctx, pixels, labels, float_correct)))
+        k *= 2
+    best = min(attempts, key=lambda a: a[1])
+    if best is not attempts[-1]:   # an earlier attempt was better: ship that one
+        _remove(ctx.out_path)
+        result = exporter.export(model, replace(ctx, float_layers=best[0]), cfg)
+    met = best[1] <= max_drop
+    summary = {"checked": True, "unit": "top-1 points", "images": int(len(labels)), "met": met,
+               "drop_before": round(attempts[0][1], 3), "drop_after": round(best[1], 3),
+               "standard_error": round(best[2], 3), "float_layers": list(best[0]),
+               "attempts": [{"float_layers": len(a[0]), "drop": round(a[1], 3)} for a in attempts]}
+    if not met:
+        message = (f"{exporter.name} int8 misses max_drop {max_drop}: best top-1 drop {best[1]:.2f} "
+                   f"± {best[2]:.2f} points (1 s.e.) on {len(labels)} held-out CALIB images, with "
+                   f"{len(best[0])} layers in float. Raise quantize.max_drop or "
+                   "quantize.max_float_layers, or use a weight-only scheme (w8, pal6).")
+        if budget.get("on_miss") == "error":
+            raise ExportError(message)
+        print(f"    WARNING: {message}", file=sys.stderr)
+    return result, summary
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _scheme(quant_dir: Path) -> str:
     return json.loads((quant_dir / "manifest.json").read_text())["facts"]["scheme"] \
         if (quant_dir / "manifest.json").exists() else "fp32"

@@ -8,15 +8,20 @@ and hands the fused model on; QAT (``qat-int8``) will train here.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
+import torch
 
-from ..checkpoints import parse, read_file
-from ..data import DataConfig, DataError, calibration_pixels, fingerprint_folder, resolve_sets
+from ..checkpoints import load_model, parse, read_file
+from ..data import (DataConfig, DataError, budget_pixels, calibration_pixels, fingerprint_folder,
+                    resolve_sets)
+from ..formats import normalized
+from ..sensitivity import layer_sensitivity
 from ..progress import Progress
 from .reparam import preprocess_of
 
@@ -32,12 +37,35 @@ class QuantizeConfig:
     max_drop: Optional[float] = None
     # Fewer calibration images than this give activation ranges that do not generalize.
     min_calibration_images: int = 32
+    # Accuracy-aware pass (int8 with max_drop and labelled CALIB): images for the per-layer
+    # sensitivity ranking, and the most layers it may keep in float.
+    sensitivity_images: int = 32
+    max_float_layers: int = 16
+    # A budget still missed after the pass: warn and ship the best attempt, or fail.
+    on_budget_miss: Literal["warn", "error"] = "warn"
 
 
 def fingerprint(cfg: QuantizeConfig, data: DataConfig) -> dict:
     if cfg.scheme not in CALIBRATED:
         return {}
     return {"calib": fingerprint_folder(data.calib), "eval": fingerprint_folder(data.eval)}
+
+
+def _prepare_budget(cfg: QuantizeConfig, ckpt, sets, data: DataConfig, pixels: np.ndarray,
+                    out_dir: Path) -> Optional[dict]:
+    """Labelled held-out images and the layer ranking for the accuracy-aware pass."""
+    pre = preprocess_of(ckpt.meta)
+    budget = budget_pixels(sets, data, pre)
+    if budget is None:
+        return None
+    np.save(out_dir / "budget_pixels.npy", budget[0])
+    np.save(out_dir / "budget_labels.npy", budget[1])
+    model, _ = load_model(out_dir / "model.pt")
+    x = torch.from_numpy(normalized(pixels[:cfg.sensitivity_images], ckpt.meta))
+    ranking = layer_sensitivity(model, x)
+    (out_dir / "sensitivity.json").write_text(json.dumps(ranking, indent=1))
+    return {"images": int(len(budget[1])), "source": f"labelled CALIB images not used for calibration",
+            "max_float_layers": cfg.max_float_layers, "on_miss": cfg.on_budget_miss}
 
 
 def run(cfg: QuantizeConfig, inputs: dict, out_dir: Path, data: DataConfig) -> dict:
@@ -60,4 +88,6 @@ def run(cfg: QuantizeConfig, inputs: dict, out_dir: Path, data: DataConfig) -> d
                 "a larger DATA")
         np.save(out_dir / "calibration_pixels.npy", pixels)
         facts["calibration"] = {"images": int(len(pixels)), "source": sets.calib_description}
+        if cfg.scheme == "int8" and cfg.max_drop is not None:
+            facts["budget_set"] = _prepare_budget(cfg, ckpt, sets, data, pixels, out_dir)
     return facts

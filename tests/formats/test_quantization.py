@@ -116,3 +116,85 @@ def test_tflite_dynamic_range_w8(trained, tmp_path, fp32_sizes):
     assert 0.2 < size(r.path) / fp32_sizes["tflite"] < 0.35
     fid = fidelity(reference_logits(trained), outputs("tflite", r.path, trained))
     assert fid["top1_agreement"] >= 0.97 and fid["sqnr_db"] >= 25, fid
+
+
+def test_sensitivity_ranks_every_layer_most_harmful_first(trained):
+    from pipeline.formats import normalized as norm
+    from pipeline.sensitivity import layer_sensitivity, quantizable_layers
+
+    x = torch.from_numpy(norm(trained.calibration[:16], trained.meta))
+    ranking = layer_sensitivity(trained.fused, x)
+    assert [r["layer"] for r in ranking] != [] and \
+        sorted(r["layer"] for r in ranking) == sorted(quantizable_layers(trained.fused))
+    assert [r["sqnr_db"] for r in ranking] == sorted(r["sqnr_db"] for r in ranking)
+    assert all(np.isfinite(r["sqnr_db"]) and r["sqnr_db"] > 10 for r in ranking)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "coreml"])
+def test_float_layers_stay_float(fmt, trained, tmp_path):
+    from dataclasses import replace
+
+    from pipeline.formats import ExportContext
+
+    layers = ("features.0.0", "classifier")
+    exporter = get_exporter(fmt)
+    ctx = ExportContext("int8", trained.meta, "m0.6", tmp_path / f"m{exporter.suffix}", trained.calibration)
+    cfg = {"onnx": __import__("pipeline.formats.onnx", fromlist=["OnnxConfig"]).OnnxConfig,
+           "coreml": __import__("pipeline.formats.coreml", fromlist=["CoreMLConfig"]).CoreMLConfig}[fmt]()
+    all_int8 = exporter.export(trained.fused, ctx, cfg).facts["ops"]
+    kept = exporter.export(trained.fused, replace(ctx, out_path=tmp_path / f"k{exporter.suffix}",
+                                                  float_layers=layers), cfg).facts["ops"]
+    if fmt == "coreml":   # one compressed weight per quantized layer
+        assert all_int8["constexpr_affine_dequantize"] - kept["constexpr_affine_dequantize"] == len(layers)
+    else:                 # weight DQ + activation Q/DQ of each excluded node are gone
+        assert kept["DequantizeLinear"] < all_int8["DequantizeLinear"]
+
+
+def test_accuracy_aware_pass_keeps_layers_until_the_budget_holds(trained, tmp_path, monkeypatch):
+    """With a drop the budget refuses, the pass keeps 1, 2, 4 ... layers in float (most
+    sensitive first) until it holds, and reports them; an unreachable budget is an error."""
+    import json as _json
+
+    from pipeline.formats import ExportContext, ExportError
+    from pipeline.formats.onnx import OnnxConfig
+    from pipeline.stages import export as export_stage
+
+    quant = tmp_path / "quantize"
+    quant.mkdir()
+    np.save(quant / "budget_pixels.npy", trained.check)
+    np.save(quant / "budget_labels.npy", trained.labels)
+    layers = ["features.0.0", "features.2.channel_mixer.m.0", "classifier", "features.1.token_mixer.0"]
+    (quant / "sensitivity.json").write_text(_json.dumps([{"layer": l, "sqnr_db": 20} for l in layers]))
+
+    def facts(max_drop, on_miss="warn"):
+        (quant / "manifest.json").write_text(_json.dumps({"facts": {
+            "scheme": "int8", "max_drop": max_drop,
+            "budget_set": {"images": len(trained.labels), "max_float_layers": 4, "on_miss": on_miss}}}))
+
+    # Pretend each layer kept in float recovers one point from a 3-point drop.
+    seen = []
+    real_export = get_exporter("onnx").export
+
+    def counting_export(self, model, ctx, cfg):
+        seen.append(ctx.float_layers)
+        return real_export(model, ctx, cfg)
+    monkeypatch.setattr(type(get_exporter("onnx")), "export", counting_export)
+    monkeypatch.setattr(export_stage, "measure_drop", lambda *a: (3.0 - len(seen[-1]), 0.5))
+    facts(max_drop=1.5)
+    ctx = ExportContext("int8", trained.meta, "m0.6", tmp_path / "m.onnx", trained.calibration)
+    _, budget = export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant)
+    assert seen == [(), ("features.0.0",), ("features.0.0", "features.2.channel_mixer.m.0")]
+    assert budget["checked"] and budget["met"] and budget["drop_before"] > 1.5 >= budget["drop_after"]
+    assert budget["float_layers"] == layers[:2] and budget["standard_error"] == 0.5
+    # Unreachable: the best attempt (most layers in float here) is shipped with a warning ...
+    seen.clear()
+    facts(max_drop=-5.0)
+    _, budget = export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant)
+    assert not budget["met"] and budget["float_layers"] == layers[:4]
+    assert [a["float_layers"] for a in budget["attempts"]] == [0, 1, 2, 4]
+    # ... or refused, when the recipe says so.
+    facts(max_drop=-5.0, on_miss="error")
+    with pytest.raises(ExportError, match=r"misses max_drop -5.0: best top-1 drop -1.00 ± 0.50"):
+        export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant)
+
+
