@@ -50,6 +50,22 @@ class Exporter(Protocol):
     keeps_float_layers: bool
 
 
+class SchemeSupport:
+    """``unsupported`` from data: the schemes an exporter produces, and why it cannot
+    produce others (keys are scheme prefixes)."""
+    name: str
+    schemes: tuple[str, ...] = ()
+    cannot: dict[str, str] = {}
+
+    def unsupported(self, scheme: str) -> Optional[str]:
+        if scheme in self.schemes:
+            return None
+        for prefix, reason in self.cannot.items():
+            if scheme.startswith(prefix):
+                return reason
+        return f"{scheme} for {self.name} is not available in this version"
+
+
 def model_metadata(ctx: ExportContext, input_layout: str) -> dict[str, str]:
     """What an app needs to feed and read the model, as strings (ONNX metadata_props; the
     report for formats that keep it beside the model)."""

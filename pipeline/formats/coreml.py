@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ..quiet import quiet
-from . import ExportContext, ExportError, ExportResult, check_parity, normalized, torch_logits
+from . import (ExportContext, ExportError, ExportResult, SchemeSupport, check_parity, normalized,
+               torch_logits)
 
 TARGETS = ("iOS16", "iOS17", "iOS18")
 PREVIEW_KEY = "com.apple.coreml.model.preview.type"
@@ -92,14 +93,10 @@ def _set_metadata(ml, ctx: ExportContext, cfg: CoreMLConfig, precision: str) -> 
                "weights_trained": str(weights.get("trained"))})
 
 
-class CoreMLExporter:
+class CoreMLExporter(SchemeSupport):
     name, suffix = "coreml", ".mlpackage"
     keeps_float_layers = True
-
-    def unsupported(self, scheme: str) -> Optional[str]:
-        if scheme not in ("fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8"):
-            return f"{scheme} for Core ML is not available in this version"
-        return None
+    schemes = ("fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8")
 
     def export(self, model: nn.Module, ctx: ExportContext, cfg: CoreMLConfig) -> ExportResult:
         with quiet():

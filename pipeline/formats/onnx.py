@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from ..quiet import quiet
-from . import (ExportContext, ExportError, ExportResult, check_parity, model_metadata, normalized,
-               torch_logits)
+from . import (ExportContext, ExportError, ExportResult, SchemeSupport, check_parity, model_metadata,
+               normalized, torch_logits)
 
 INPUT, OUTPUT = "input", "logits"
 
@@ -99,19 +99,13 @@ def quantize_int8(path: Path, calibration: np.ndarray, cfg: OnnxConfig,
         pre.unlink(missing_ok=True)
 
 
-class OnnxExporter:
+class OnnxExporter(SchemeSupport):
     name, suffix = "onnx", ".onnx"
     keeps_float_layers = True
-
-    def unsupported(self, scheme: str) -> Optional[str]:
-        if scheme.startswith("pal"):
-            return "ONNX has no palettized (look-up-table) weight type"
-        if scheme == "w8":
-            return ("onnxruntime has no weight-only int8 Conv kernel (its dynamic quantization "
-                    "also quantizes activations: a different scheme)")
-        if scheme not in ("fp32", "fp16", "int8"):
-            return f"{scheme} for ONNX is not available in this version"
-        return None
+    schemes = ("fp32", "fp16", "int8")
+    cannot = {"pal": "ONNX has no palettized (look-up-table) weight type",
+              "w8": "onnxruntime has no weight-only int8 Conv kernel (its dynamic quantization "
+                    "also quantizes activations: a different scheme)"}
 
     def export(self, model: torch.nn.Module, ctx: ExportContext, cfg: OnnxConfig) -> ExportResult:
         import onnx

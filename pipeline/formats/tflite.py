@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from ..quiet import quiet
-from . import (ExportContext, ExportError, ExportResult, check_parity, model_metadata, normalized,
-               torch_logits)
+from . import (ExportContext, ExportError, ExportResult, SchemeSupport, check_parity, model_metadata,
+               normalized, torch_logits)
 
 
 @dataclass
@@ -72,18 +72,13 @@ def op_counts(path: Path) -> dict[str, int]:
     return counts
 
 
-class TFLiteExporter:
+class TFLiteExporter(SchemeSupport):
     name, suffix = "tflite", ".tflite"
     # ai-edge-quantizer selects ops by tensor-name regex; litert-torch names tensors by class
     # path with instance counters, not module names: no reliable mapping yet.
     keeps_float_layers = False
-
-    def unsupported(self, scheme: str) -> Optional[str]:
-        if scheme.startswith("pal"):
-            return "TFLite has no palettized (look-up-table) weight type"
-        if scheme not in ("fp32", "fp16", "int8", "w8"):
-            return f"{scheme} for TFLite is not available in this version"
-        return None
+    schemes = ("fp32", "fp16", "int8", "w8")
+    cannot = {"pal": "TFLite has no palettized (look-up-table) weight type"}
 
     def export(self, model: torch.nn.Module, ctx: ExportContext, cfg: TFLiteConfig) -> ExportResult:
         with quiet():
