@@ -3,23 +3,13 @@ process (these machines are noisy: only the ratio is meaningful). Prints a table
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
 from pipeline.models import create_model, reparameterize
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from pipeline.stages.validate import cpu_name
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -168,17 +168,6 @@ def sample_images(n: int, seed: int = 0) -> list[Image.Image]:
 
 def batch(images: Sequence[Image.Image], pre: Preprocess) -> np.ndarray:
     return np.stack([pre(img) for img in images])
-
-
-def iter_batches(images: ImageSet, pre: Preprocess, batch_size: int = 32
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
-    """(uint8 NHWC pixels, float NCHW normalized, labels or None) per batch."""
-    for start in range(0, len(images), batch_size):
-        idx = range(start, min(start + batch_size, len(images)))
-        pix = np.stack([pre.pixels(open_image(images.paths[i])) for i in idx])
-        x = np.stack([pre.normalize(p) for p in pix])
-        y = np.asarray([images.labels[i] for i in idx]) if images.labels else None
-        yield pix, x, y
 
 
 def imagenet_classes() -> tuple[list[str], dict[str, int]]:

@@ -89,6 +89,11 @@ def stage_key(stage: Stage, config: Any, others: dict[str, Any], input_keys: dic
     return hashlib.sha256(blob).hexdigest()[:20], payload
 
 
+def facts_of(entry: Path) -> dict:
+    """The facts a stage recorded in its output folder (what its run returned)."""
+    return json.loads((entry / MANIFEST).read_text())["facts"]
+
+
 class Cache:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -98,9 +103,6 @@ class Cache:
 
     def has(self, stage: str, key: str) -> bool:
         return (self.entry(stage, key) / MANIFEST).is_file()
-
-    def manifest(self, stage: str, key: str) -> dict:
-        return json.loads((self.entry(stage, key) / MANIFEST).read_text())
 
     @contextlib.contextmanager
     def lock(self, stage: str, key: str) -> Iterator[None]:
@@ -143,11 +145,11 @@ def run_stage(stage: Stage, config: Any, others: dict[str, Any], inputs: dict[st
     label = f"{position}{stage.name:<9}"
     if not force and cache.has(stage.name, key):
         log(f"{label} cached   ({key[:12]})")
-        return StageRecord(stage.name, key, True, 0.0, final, cache.manifest(stage.name, key)["facts"])
+        return StageRecord(stage.name, key, True, 0.0, final, facts_of(final))
     with cache.lock(stage.name, key):
         if not force and cache.has(stage.name, key):  # another process made it meanwhile
             log(f"{label} cached   ({key[:12]}, made by a concurrent run)")
-            return StageRecord(stage.name, key, True, 0.0, final, cache.manifest(stage.name, key)["facts"])
+            return StageRecord(stage.name, key, True, 0.0, final, facts_of(final))
         for stale in final.parent.glob(staging_prefix(final) + "*"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
         with staged_dir(final) as tmp:

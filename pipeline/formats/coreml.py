@@ -63,11 +63,9 @@ def precision_of(ctx: ExportContext, cfg: CoreMLConfig) -> str:
 
 def image_probabilities(path: Path, pixels: np.ndarray) -> np.ndarray:
     """Class probabilities for uint8 NHWC ``pixels`` from the MIL interpreter (simulated)."""
-    from ..runtimes.mil import MilInterpreter
+    from ..runtimes import MilRuntime
 
-    interp = MilInterpreter(path)
-    x = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2).astype(np.float32))
-    return np.concatenate([interp.run(x[i:i + 1]) for i in range(len(x))])
+    return MilRuntime(path, {}).predict(pixels)
 
 
 def _set_metadata(ml, ctx: ExportContext, cfg: CoreMLConfig, precision: str) -> None:

@@ -15,6 +15,7 @@ import torch
 from ..checkpoints import load_model
 from ..data import sample_images
 from ..formats import ExportContext, ExportError, get_exporter, normalized
+from ..runner import facts_of
 from ..runtimes import open_runtime
 from ..formats.coreml import CoreMLConfig
 from ..formats.onnx import OnnxConfig
@@ -46,7 +47,8 @@ def artifact_stem(variant: str, scheme: str) -> str:
 def run(cfg: ExportConfig, inputs: dict, out_dir: Path) -> dict:
     quant = inputs["quantize"]
     model, ckpt = load_model(quant / "model.pt")
-    scheme = _scheme(quant)
+    quant_facts = facts_of(quant)
+    scheme = quant_facts["scheme"]
     calib_file = quant / "calibration_pixels.npy"
     calibration = np.load(calib_file) if calib_file.exists() else None
     pre = preprocess_of(ckpt.meta)
@@ -62,7 +64,7 @@ def run(cfg: ExportConfig, inputs: dict, out_dir: Path) -> dict:
             continue
         ctx = ExportContext(scheme, ckpt.meta, model.variant.name, out_dir / (stem + exporter.suffix),
                             calibration, check)
-        result, budget = export_within_budget(exporter, model, ctx, getattr(cfg, name), quant)
+        result, budget = export_within_budget(exporter, model, ctx, getattr(cfg, name), quant, quant_facts)
         artifacts.append({"format": name, "path": result.path.name, **result.facts,
                           **({"accuracy_aware": budget} if budget else {})})
         print(f"    {name}: {result.path.name}", file=sys.stderr)
@@ -80,12 +82,11 @@ def measure_drop(fmt: str, ctx: ExportContext, pixels: np.ndarray, labels: np.nd
     return float(100 * diff.mean()), float(100 * diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
-def export_within_budget(exporter, model, ctx: ExportContext, cfg, quant_dir: Path):
+def export_within_budget(exporter, model, ctx: ExportContext, cfg, quant_dir: Path, facts: dict):
     """Export; for int8 with a budget, keep the most sensitive layers in float (1, 2, 4, ...)
     until the top-1 drop on labelled held-out CALIB images is within ``max_drop``, and ship
     the best attempt. A budget still missed warns, or fails with ``on_budget_miss: error``."""
     result = exporter.export(model, ctx, cfg)
-    facts = json.loads((quant_dir / "manifest.json").read_text())["facts"]
     max_drop = facts.get("max_drop")
     if ctx.scheme != "int8" or max_drop is None:
         return result, None
@@ -133,8 +134,3 @@ def export_within_budget(exporter, model, ctx: ExportContext, cfg, quant_dir: Pa
 
 def _remove(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def _scheme(quant_dir: Path) -> str:
-    return json.loads((quant_dir / "manifest.json").read_text())["facts"]["scheme"] \
-        if (quant_dir / "manifest.json").exists() else "fp32"

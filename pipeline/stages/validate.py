@@ -18,6 +18,7 @@ from ..checkpoints import load_model
 from ..data import DataConfig, fingerprint_folder, open_image, resolve_sets, sample_images
 from ..formats import normalized
 from ..progress import Progress
+from ..runner import facts_of
 from ..runtimes import open_runtime
 from .reparam import preprocess_of
 
@@ -111,7 +112,7 @@ def _image_batches(sets, cfg: ValidateConfig, pre):
 
 def run(cfg: ValidateConfig, inputs: dict, out_dir: Path, data: DataConfig) -> dict:
     export_dir = inputs["export"]
-    exported = json.loads((export_dir / "manifest.json").read_text())["facts"]
+    exported = facts_of(export_dir)
     reference, ckpt = load_model(inputs["reparam"] / "fused.pt")
     meta = dict(ckpt.meta)
     if cfg.crop_pct:

@@ -7,7 +7,7 @@ import torch
 from pipeline.formats import get_exporter, normalized
 from pipeline.formats.onnx import run_onnx
 from pipeline.formats.tflite import run_tflite
-from pipeline.runtimes.mil import MilInterpreter
+from pipeline.runtimes import MilRuntime
 from pipeline.stages.validate import fidelity
 
 from .test_exporters import export, reference_logits, softmax
@@ -26,9 +26,7 @@ def outputs(fmt, path, trained):
         return run_onnx(path, normalized(trained.check, trained.meta))
     if fmt == "tflite":
         return run_tflite(path, normalized(trained.check, trained.meta))
-    interp = MilInterpreter(path)
-    x = trained.check.transpose(0, 3, 1, 2).astype(np.float32)
-    return np.concatenate([interp.run(x[i:i + 1]) for i in range(len(x))])
+    return MilRuntime(path, trained.meta).predict(trained.check)
 
 
 @pytest.fixture(scope="module")
@@ -167,9 +165,8 @@ def test_accuracy_aware_pass_keeps_layers_until_the_budget_holds(trained, tmp_pa
     (quant / "sensitivity.json").write_text(_json.dumps([{"layer": l, "sqnr_db": 20} for l in layers]))
 
     def facts(max_drop, on_miss="warn"):
-        (quant / "manifest.json").write_text(_json.dumps({"facts": {
-            "scheme": "int8", "max_drop": max_drop,
-            "budget_set": {"images": len(trained.labels), "max_float_layers": 4, "on_miss": on_miss}}}))
+        return {"scheme": "int8", "max_drop": max_drop,
+                "budget_set": {"images": len(trained.labels), "max_float_layers": 4, "on_miss": on_miss}}
 
     # Pretend each layer kept in float recovers one point from a 3-point drop.
     seen = []
@@ -180,21 +177,21 @@ def test_accuracy_aware_pass_keeps_layers_until_the_budget_holds(trained, tmp_pa
         return real_export(model, ctx, cfg)
     monkeypatch.setattr(type(get_exporter("onnx")), "export", counting_export)
     monkeypatch.setattr(export_stage, "measure_drop", lambda *a: (3.0 - len(seen[-1]), 0.5))
-    facts(max_drop=1.5)
     ctx = ExportContext("int8", trained.meta, "m0.6", tmp_path / "m.onnx", trained.calibration)
-    _, budget = export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant)
+    _, budget = export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant,
+                                                  facts(max_drop=1.5))
     assert seen == [(), ("features.0.0",), ("features.0.0", "features.2.channel_mixer.m.0")]
     assert budget["checked"] and budget["met"] and budget["drop_before"] > 1.5 >= budget["drop_after"]
     assert budget["float_layers"] == layers[:2] and budget["standard_error"] == 0.5
     # Unreachable: the best attempt (most layers in float here) is shipped with a warning ...
     seen.clear()
-    facts(max_drop=-5.0)
-    _, budget = export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant)
+    _, budget = export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant,
+                                                  facts(max_drop=-5.0))
     assert not budget["met"] and budget["float_layers"] == layers[:4]
     assert [a["float_layers"] for a in budget["attempts"]] == [0, 1, 2, 4]
     # ... or refused, when the recipe says so.
-    facts(max_drop=-5.0, on_miss="error")
     with pytest.raises(ExportError, match=r"misses max_drop -5.0: best top-1 drop -1.00 ± 0.50"):
-        export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant)
+        export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant,
+                                          facts(max_drop=-5.0, on_miss="error"))
 
 

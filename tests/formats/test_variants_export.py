@@ -10,7 +10,7 @@ from pipeline.formats.coreml import CoreMLConfig
 from pipeline.formats.onnx import OnnxConfig, run_onnx
 from pipeline.formats.tflite import TFLiteConfig, run_tflite
 from pipeline.models import create_model, reparameterize
-from pipeline.runtimes.mil import MilInterpreter
+from pipeline.runtimes import MilRuntime
 from pipeline.variants import VARIANTS
 
 from ..conftest import randomize_bn
@@ -41,9 +41,7 @@ def check(fmt, name, size, tmp_path):
     elif fmt == "tflite":
         got = run_tflite(r.path, normalized(pixels, meta))
     else:
-        interp = MilInterpreter(r.path)
-        x = pixels.transpose(0, 3, 1, 2).astype(np.float32)
-        got = np.concatenate([interp.run(x[i:i + 1]) for i in range(len(x))])
+        got = MilRuntime(r.path, meta).predict(pixels)
         e = np.exp(ref - ref.max(1, keepdims=True))
         ref = e / e.sum(1, keepdims=True)
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
