@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ class Origin:
     def __str__(self) -> str:
         return f"{self.file} line {self.line}" if self.line else self.file
 
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 # ---------------------------------------------------------------- YAML with line numbers
 
@@ -171,6 +174,8 @@ def _convert(value: Any, tp, path: tuple, origins: dict) -> Any:
             raise bad()
         return value
     if tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)   # YAML 1.1 reads "1e-5" (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad()
         return float(value)

@@ -256,8 +256,13 @@ def calibration_pixels(sets: Sets, cfg: DataConfig, pre: Preprocess, progress=No
     calib = sets.calib
     if len(calib) > cfg.calib_images:
         calib = calib.split(cfg.calib_images, cfg.seed)[0]
+    return load_pixels(calib, pre, progress)
+
+
+def load_pixels(images: ImageSet, pre: Preprocess, progress=None) -> np.ndarray:
+    """uint8 NHWC crops of ``images``, in order."""
     out = []
-    for p in calib.paths:
+    for p in images.paths:
         out.append(pre.pixels(open_image(p)))
         if progress:
             progress(1)
@@ -272,4 +277,32 @@ def budget_pixels(sets: Sets, cfg: DataConfig, pre: Preprocess) -> Optional[tupl
     rest = sets.calib.split(cfg.calib_images, cfg.seed)[1]
     if len(rest) > cfg.budget_images:
         rest = rest.split(cfg.budget_images, cfg.seed + 2, ("budget", "rest"))[0]
-    return np.stack([pre.pixels(open_image(p)) for p in rest.paths]), np.asarray(rest.labels)
+    return load_pixels(rest, pre), np.asarray(rest.labels)
+
+
+def training_pixels(sets: Sets, cfg: DataConfig, pre: Preprocess, n: int, progress=None
+                    ) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray, str]:
+    """QAT images: (uint8 NHWC, labels or None, held-out uint8 NHWC, description). The
+    held-out images are the int8 budget set where CALIB is labelled (so QAT's readout and
+    the accuracy-aware pass use the same images), else a tenth of CALIB; never trained on."""
+    if sets.calib is None:
+        train = sample_images(n, cfg.seed)
+        holdout = sample_images(64, cfg.seed + 1)[len(SAMPLE_PHOTOS):]
+        return (np.stack([pre.pixels(im) for im in train]), None,
+                np.stack([pre.pixels(im) for im in holdout]),
+                f"{n} natural sample photos (random crops and flips; no labels: distillation only)")
+    calib = sets.calib
+    if calib.labels and len(calib) > cfg.calib_images:
+        rest = calib.split(cfg.calib_images, cfg.seed)[1]
+        held = rest.split(min(cfg.budget_images, len(rest)), cfg.seed + 2, ("budget", "rest"))[0]
+    else:
+        held = calib.split(max(1, min(cfg.budget_images, len(calib) // 10)), cfg.seed + 2,
+                           ("holdout", "rest"))[0]
+    held_paths = set(held.paths)
+    pool = calib.subset([i for i, p in enumerate(calib.paths) if p not in held_paths], f"{calib.name}[qat]")
+    if len(pool) > n:
+        pool = pool.split(n, cfg.seed + 3, ("qat", "rest"))[0]
+    labels = np.asarray(pool.labels) if pool.labels else None
+    return (load_pixels(pool, pre, progress), labels, load_pixels(held, pre, progress),
+            f"{len(pool)} CALIB images ({'labelled' if labels is not None else 'unlabelled'}), "
+            f"{len(held)} more held out for the readout")

@@ -61,6 +61,7 @@ def build(variant: str, quant: str, recipe_name: str, records: dict, out_dir: Pa
                                                       ("input_size", "crop_pct", "interpolation", "mean", "std")},
         "data": {"eval": validated.get("eval_images"), "calibration": _calibration(records)},
         "reference": validated.get("reference"),
+        "qat": _qat(records["qat"].facts) if "qat" in records else None,
         "stages": [{"name": r.name, "key": r.key, "cache_hit": r.cache_hit, "seconds": round(r.seconds, 3)}
                    for r in records.values()],
         "artifacts": artifacts, "skipped": skipped, "notes": notes,
@@ -118,6 +119,13 @@ def _iphone(latency: list) -> str:
     return "<br>".join(out) or "-"
 
 
+def _qat(facts: dict) -> dict:
+    """What QAT did, per fake-quantization backend (the loss curve stays in the cache)."""
+    return {"images": facts["images"], "trained": {
+        backend: {k: v for k, v in t.items() if k != "history"} | {"final_loss": (t["history"] or [{}])[-1].get("loss")}
+        for backend, t in facts["trained"].items()}}
+
+
 def markdown(r: dict) -> str:
     title = f"# RepViT-{r['variant'].upper()} · {r['quant']}\n"
     lines = [title]
@@ -137,6 +145,15 @@ def markdown(r: dict) -> str:
         a = ref["accuracy"]
         lines.append(f"Float reference ({ref['runtime']}): top-1 {_pct(a['top1'])}%, top-5 "
                      f"{_pct(a['top5'])}% on {a['n']} images (measured).\n")
+    if r.get("qat"):
+        lines.append(f"Quantization-aware training on {r['qat']['images']}:")
+        for backend, t in r["qat"]["trained"].items():
+            lines.append(f"- {backend} fake quantization (for {', '.join(t['formats'])}): {t['steps']} steps "
+                         f"on {t['device']} x {t['world_size']} process(es); top-1 agreement of the "
+                         f"fake-quantized model with float on {t['holdout_images']} held-out images "
+                         f"{_pct(t['holdout_agreement_before'])}% before -> "
+                         f"{_pct(t['holdout_agreement_after'])}% after (simulated in PyTorch).")
+        lines.append("")
     lines += ["## Artifacts", "",
               "| format | file | size MB | top-1 % | top-5 % | top-1 agreement % | cosine | SQNR dB | "
               "host ms, 1 thread | host ms, all threads | iPhone ms | how |",

@@ -42,6 +42,10 @@ class Stage:
     fingerprint: Optional[Callable[..., dict]] = None
     code: tuple[str, ...] = ()          # modules whose source is part of the key
     libraries: tuple[str, ...] = ()     # distributions whose versions are part of the key
+    uses: tuple[str, ...] = ()          # stages whose output it reads when the recipe runs them
+    # Gets ``scratch``: a folder per key that survives an interruption (checkpoints to resume
+    # from) and is removed once the entry is complete.
+    resumable: bool = False
 
 
 @dataclass
@@ -133,6 +137,9 @@ class Cache:
                 with self.lock(e["stage"], e["key"]):
                     shutil.rmtree(e["dir"], ignore_errors=True)
                 removed += 1
+        for scratch in self.root.glob("*/.*.resume"):   # checkpoints of interrupted runs
+            if older_than_s is None or now - scratch.stat().st_mtime > older_than_s:
+                shutil.rmtree(scratch, ignore_errors=True)
         return removed
 
 
@@ -155,13 +162,19 @@ def run_stage(stage: Stage, config: Any, others: dict[str, Any], inputs: dict[st
         with staged_dir(final) as tmp:
             log(f"{label} running  ({key[:12]})")
             start = time.perf_counter()
-            facts = stage.run(config, {n: r.dir for n, r in inputs.items()}, tmp, **others) or {}
+            extra = {}
+            if stage.resumable:
+                extra["scratch"] = final.parent / f".{key}.resume"
+                extra["scratch"].mkdir(exist_ok=True)
+            facts = stage.run(config, {n: r.dir for n, r in inputs.items()}, tmp, **others, **extra) or {}
             seconds = time.perf_counter() - start
             outputs = [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": _sha256(p)}
                        for p in sorted(tmp.rglob("*")) if p.is_file()]
             manifest = {**payload, "key": key, "facts": facts, "outputs": outputs,
                         "seconds": round(seconds, 3), "created": time.time()}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+        if stage.resumable:
+            shutil.rmtree(extra["scratch"], ignore_errors=True)
     log(f"{label} done in {seconds:.1f} s")
     return StageRecord(stage.name, key, False, seconds, final, facts)
 
@@ -177,7 +190,7 @@ def run_stages(stages: list[Stage], sections: dict[str, Any], cache: Cache,
         missing = [n for n in stage.needs if n not in records]
         if missing:
             raise ValueError(f"stage {stage.name!r} needs {', '.join(missing)} to run before it")
-        inputs = {n: records[n] for n in stage.needs}
+        inputs = {n: records[n] for n in (*stage.needs, *stage.uses) if n in records}
         others = {s: sections[s] for s in stage.sections}
         records[stage.name] = run_stage(stage, sections[stage.name], others, inputs, cache,
                                         force=stage.name in force, log=log,

@@ -1,8 +1,11 @@
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -43,3 +46,67 @@ def shared_data():
     if not SHARED.is_dir():
         pytest.skip("../shared/data is not present on this machine")
     return SHARED
+
+
+# A small RepViT trained in seconds on a learnable task (which photo a crop comes from),
+# so that quantization is judged on a network with real decision margins.
+from pipeline.data import Preprocess, sample_images
+from pipeline.formats import normalized
+from pipeline.models import create_model, reparameterize
+
+SIZE = 32
+CLASSES = ["astronaut", "chelsea", "coffee", "rocket"]
+
+
+@dataclass
+class Trained:
+    fused: torch.nn.Module
+    meta: dict
+    calibration: np.ndarray   # uint8 NHWC, training crops
+    check: np.ndarray         # uint8 NHWC, held-out crops
+    labels: np.ndarray
+    train_labels: np.ndarray  # of ``calibration``
+
+
+def crops(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    import skimage.data
+
+    rng = np.random.default_rng(seed)
+    photos = [Image.fromarray(getattr(skimage.data, c)()).convert("RGB") for c in CLASSES]
+    pixels, labels = [], []
+    for i in range(n):
+        k = int(rng.integers(len(photos)))
+        img = photos[k]
+        w, h = img.size
+        s = int(rng.integers(min(w, h) // 4, min(w, h) // 2))
+        x0, y0 = int(rng.integers(0, w - s)), int(rng.integers(0, h - s))
+        pixels.append(np.asarray(img.crop((x0, y0, x0 + s, y0 + s)).resize((SIZE, SIZE), Image.BILINEAR)))
+        labels.append(k)
+    return np.stack(pixels), np.asarray(labels)
+
+
+@pytest.fixture(scope="session")
+def trained() -> Trained:
+    meta = {"input_size": SIZE, "crop_pct": 1.0, "interpolation": "bilinear",
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "classes": CLASSES,
+            "weights": {"source": "test", "sha256": None, "trained": True}}
+    train_x, train_y = crops(1024, seed=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = create_model("m0.6", num_classes=len(CLASSES), seed=0)
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+        x = torch.from_numpy(normalized(train_x, meta))
+        y = torch.from_numpy(train_y)
+        model.train()
+        for step in range(120):
+            idx = torch.randint(0, len(x), (64,))
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    fused = reparameterize(model.eval())
+    check, labels = crops(128, seed=1)
+    with torch.no_grad():
+        acc = (fused(torch.from_numpy(normalized(check, meta))).argmax(1).numpy() == labels).mean()
+    assert acc > 0.6, f"the test model did not learn its task (held-out accuracy {acc:.2f})"
+    return Trained(fused, meta, train_x[:128], check, labels, train_y[:128])

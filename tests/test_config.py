@@ -40,6 +40,14 @@ def test_set_overrides_win(tmp_path):
     assert r.sections["export"].formats == ["onnx"] and r.variant == "m1.1"
 
 
+def test_scientific_numbers_without_a_dot_are_numbers():
+    # YAML 1.1 reads 1e-5 as a string; a learning rate written so must still work.
+    r = load_recipe("qat-int8", SECTIONS, ["qat.lr=1e-5", "reparam.tolerance=2E-4"])
+    assert r.sections["qat"].lr == 1e-5 and r.sections["reparam"].tolerance == 2e-4
+    with pytest.raises(RecipeError, match="expected a number"):
+        load_recipe("qat-int8", SECTIONS, ["qat.lr=fast"])
+
+
 def test_unknown_key_names_file_line_and_fix(tmp_path):
     p = write(tmp_path, """\
         extends: base.yaml

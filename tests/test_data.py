@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import (DataConfig, DataError, Preprocess, class_index_for, image_folder,
-                           imagenet_classes, open_image, resolve_sets)
+from pipeline.data import (DataConfig, DataError, Preprocess, budget_pixels, class_index_for,
+                           image_folder, imagenet_classes, open_image, resolve_sets, training_pixels)
 
 
 def make_folder(root, classes, per_class=3, size=(40, 30)):
@@ -45,6 +45,28 @@ def test_calibration_is_held_out_of_scoring(tmp_path):
     assert not set(sets.calib.paths) & set(sets.eval.paths)
     again = resolve_sets(DataConfig(eval=str(root), calib_images=6), ["a", "b"])
     assert again.calib.paths == sets.calib.paths, "deterministic"
+
+
+def test_qat_trains_on_calib_and_holds_out_the_budget_images(tmp_path):
+    # Every image a distinct colour, so pixels identify images.
+    root = tmp_path / "calib"
+    for i in range(40):
+        (root / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), (i * 6, 255 - i * 6, i % 7 * 30), np.uint8)).save(root / "ab"[i % 2] / f"{i}.png")
+    cfg = DataConfig(calib=str(root), calib_images=10, budget_images=8)
+    sets = resolve_sets(cfg, ["a", "b"])
+    pre = Preprocess(size=8, crop_pct=1.0, interpolation="bilinear")
+    train, labels, held, description = training_pixels(sets, cfg, pre, n=100)
+    budget, _ = budget_pixels(sets, cfg, pre)
+    key = lambda px: {tuple(p[0, 0]) for p in px}
+    assert key(held) == key(budget), "QAT's readout images are the int8 budget images"
+    assert len(train) == 32 and not key(train) & key(held) and len(labels) == 32
+    assert "32 CALIB images (labelled), 8 more held out" in description
+    assert len(training_pixels(sets, cfg, pre, n=12)[0]) == 12
+    # Without any data: natural photos, distillation only.
+    nothing = resolve_sets(DataConfig(calib_images=4), ["a", "b"])
+    train, labels, held, _ = training_pixels(nothing, DataConfig(), pre, n=20)
+    assert len(train) == 20 and labels is None and len(held) > 0
 
 
 def test_corrupt_image_and_missing_folder(tmp_path):

@@ -107,3 +107,40 @@ def test_official_without_network_falls_back_loudly(tmp_path, monkeypatch):
     monkeypatch.setattr(load, "fetch_official", offline)
     result = load.load(load.LoadConfig(variant="m0.6", checkpoint="official"), tmp_path)
     assert result.weights.trained is False and "official weights unavailable" in result.weights.reason
+
+
+def test_qat_int8_deploy_trains_once_and_hands_its_model_to_export(tiny, tmp_path):
+    """qat-int8 end to end (ONNX only, a few steps): the qat stage's model is what is
+    exported, its facts reach the report, and a QAT knob re-runs QAT and what follows."""
+    artifacts = tmp_path / "artifacts"
+    qat = ("qat.steps=6 qat.batch_size=4 qat.warmup_steps=1 qat.freeze_observers_step=4 "
+           "qat.calibration_batches=1 qat.formats=[onnx] export.formats=[onnx] "
+           "quantize.min_calibration_images=4 data.calib_images=6")
+
+    def run(extra=""):
+        cmd = [sys.executable, "-m", "pipeline", "deploy", "--quant", "qat-int8", "--variant", "m0.6",
+               "--ckpt", str(tiny / "tiny.pth"), "--data", str(tiny / "data"), "--artifacts", str(artifacts),
+               *sum((["--set", s] for s in f"{FAST} {qat} {extra}".split()), []), "--json"]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout)
+
+    rep = run()
+    assert [s["name"] for s in rep["stages"]] == ["load", "reparam", "qat", "quantize", "export", "validate"]
+    t = rep["qat"]["trained"]["torchao"]
+    assert t["formats"] == ["onnx"] and t["steps"] == 6 and t["world_size"] == 1
+    (onnx,) = rep["artifacts"]
+    assert onnx["path"] == "RepViT-M0.6-qat-int8.onnx"
+    assert "fine-tuned by quantization-aware training" in onnx["export"]["precision"]
+    assert "Quantization-aware training on" in (artifacts / "m0.6-qat-int8" / "report.md").read_text()
+    # The exported model is QAT's: its ONNX twin is the fine-tuned model, not the fused one.
+    cache = artifacts / "cache"
+    trained = next(cache.glob("quantize/*/model.onnx.pt"))
+    fused = next(cache.glob("reparam/*/fused.pt"))
+    a = torch.load(trained, weights_only=True)["state_dict"]
+    b = torch.load(fused, weights_only=True)["state_dict"]
+    assert any(not torch.equal(a[k], b[k]) for k in b)
+    assert not list(cache.glob("qat/.*.resume")), "QAT's checkpoints go once it completes"
+
+    rep = run("qat.lr=2e-5")
+    assert {s["name"] for s in rep["stages"] if not s["cache_hit"]} == {"qat", "quantize", "export", "validate"}

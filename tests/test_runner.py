@@ -107,6 +107,32 @@ def test_failed_stage_leaves_no_entry(tmp_path):
     assert [p.name for p in (tmp_path / "x").iterdir() if not p.name.endswith(".lock")] == []
 
 
+def test_resumable_stage_keeps_its_scratch_until_it_completes(tmp_path):
+    seen = []
+
+    def train(cfg, inputs, out_dir, scratch):
+        seen.append(sorted(p.name for p in scratch.iterdir()))
+        (scratch / "checkpoint").write_text("step 5")
+        if len(seen) == 1:
+            raise KeyboardInterrupt   # interrupted after its first checkpoint
+        (out_dir / "model").write_text("done")
+
+    stage = Stage("t", train, resumable=True)
+    with pytest.raises(KeyboardInterrupt):
+        run_stages([stage], {"t": Cfg()}, Cache(tmp_path), log=lambda m: None)
+    assert not list((tmp_path / "t").glob("*/manifest.json")), "no entry from the interrupted run"
+    run_stages([stage], {"t": Cfg()}, Cache(tmp_path), log=lambda m: None)
+    assert seen == [[], ["checkpoint"]], "the second run found the first one's checkpoint"
+    assert not list((tmp_path / "t").glob(".*.resume")), "scratch removed once the entry is whole"
+    # Optional inputs: a stage that `uses` another gets it only where the recipe ran it.
+    got = {}
+    reader = Stage("r", lambda cfg, inputs, out_dir: got.update(inputs) or {}, uses=("t",))
+    run_stages([reader], {"r": Cfg()}, Cache(tmp_path / "2"), log=lambda m: None)
+    assert got == {}
+    run_stages([stage, reader], {"t": Cfg(), "r": Cfg()}, Cache(tmp_path), log=lambda m: None)
+    assert set(got) == {"t"}
+
+
 TOY = textwrap.dedent("""
     import sys, time
     from dataclasses import dataclass

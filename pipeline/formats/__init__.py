@@ -29,6 +29,16 @@ class ExportContext:
     check_inputs: Optional[np.ndarray] = None  # uint8 NHWC natural crops for parity checks
     float_layers: tuple[str, ...] = ()         # fused-model layers the int8 scheme keeps in float
 
+    @property
+    def int8(self) -> bool:
+        """W8A8, post-training or after quantization-aware training (the export is the same)."""
+        return self.scheme in ("int8", "qat-int8")
+
+    @property
+    def weights_origin(self) -> str:
+        return ("weights fine-tuned by quantization-aware training" if self.scheme == "qat-int8"
+                else "post-training: no training")
+
 
 @dataclass
 class ExportResult:

@@ -94,7 +94,7 @@ def _set_metadata(ml, ctx: ExportContext, cfg: CoreMLConfig, precision: str) -> 
 class CoreMLExporter(SchemeSupport):
     name, suffix = "coreml", ".mlpackage"
     keeps_float_layers = True
-    schemes = ("fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8")
+    schemes = ("fp32", "fp16", "int8", "qat-int8", "w8", "pal4", "pal6", "pal8")
 
     def export(self, model: nn.Module, ctx: ExportContext, cfg: CoreMLConfig) -> ExportResult:
         with quiet():
@@ -104,7 +104,7 @@ class CoreMLExporter(SchemeSupport):
         size = m["input_size"]
         precision = precision_of(ctx, cfg)
         wrapped = CoreMLClassifier(model, m["std"]).eval()
-        if ctx.scheme == "int8":
+        if ctx.int8:
             if cfg.deployment_target == "iOS16":
                 raise ExportError("Core ML W8A8 (int8 activations) needs iOS17 or later: set "
                                   "export.coreml.deployment_target=iOS17")
@@ -127,10 +127,10 @@ class CoreMLExporter(SchemeSupport):
         compression = None
         if ctx.scheme in ("w8", "pal4", "pal6", "pal8"):
             ml, compression = compress_weights(ml, ctx.scheme, cfg)
-        elif ctx.scheme == "int8":
+        elif ctx.int8:
             compression = (f"W8A8: weights int8 per channel (symmetric), activations int8 per tensor "
                            f"from min/max over {len(ctx.calibration)} calibration images "
-                           "(coremltools LinearQuantizer, calibration only, no training)")
+                           f"(coremltools LinearQuantizer; {ctx.weights_origin})")
         _set_metadata(ml, ctx, cfg, precision)
         ml.save(str(ctx.out_path))
         facts = {"deployment_target": cfg.deployment_target, "compute_precision": precision,

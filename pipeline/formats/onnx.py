@@ -102,7 +102,7 @@ def quantize_int8(path: Path, calibration: np.ndarray, cfg: OnnxConfig,
 class OnnxExporter(SchemeSupport):
     name, suffix = "onnx", ".onnx"
     keeps_float_layers = True
-    schemes = ("fp32", "fp16", "int8")
+    schemes = ("fp32", "fp16", "int8", "qat-int8")
     cannot = {"pal": "ONNX has no palettized (look-up-table) weight type",
               "w8": "onnxruntime has no weight-only int8 Conv kernel (its dynamic quantization "
                     "also quantizes activations: a different scheme)"}
@@ -129,11 +129,12 @@ class OnnxExporter(SchemeSupport):
         if ctx.scheme == "fp16":
             facts["precision"] = ("float32: onnxruntime's CPU provider has no float16 kernels that "
                                   "would make an fp16 graph faster, so the ONNX model stays fp32")
-        if ctx.scheme == "int8":
+        if ctx.int8:
             quantize_int8(path, normalized(ctx.calibration, ctx.meta), cfg, ctx.float_layers)
             facts["precision"] = (f"int8 QDQ: weights int8 per channel (symmetric), activations "
                                   f"{cfg.activations} per tensor, {cfg.calibration} calibration on "
-                                  f"{len(ctx.calibration)} images (onnxruntime.quantization)")
+                                  f"{len(ctx.calibration)} images (onnxruntime.quantization; "
+                                  f"{ctx.weights_origin})")
         proto = onnx.load(str(path))
         for k, v in model_metadata(ctx, "NCHW float32, RGB, (pixel/255 - mean) / std").items():
             proto.metadata_props.add(key=k, value=v)

@@ -77,7 +77,7 @@ class TFLiteExporter(SchemeSupport):
     # ai-edge-quantizer selects ops by tensor-name regex; litert-torch names tensors by class
     # path with instance counters, not module names: no reliable mapping yet.
     keeps_float_layers = False
-    schemes = ("fp32", "fp16", "int8", "w8")
+    schemes = ("fp32", "fp16", "int8", "qat-int8", "w8")
     cannot = {"pal": "TFLite has no palettized (look-up-table) weight type"}
 
     def export(self, model: torch.nn.Module, ctx: ExportContext, cfg: TFLiteConfig) -> ExportResult:
@@ -96,7 +96,7 @@ class TFLiteExporter(SchemeSupport):
             raise ExportError(f"TFLite conversion failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
         if ctx.scheme == "fp16":
             self._fp16(float_path, path)
-        elif ctx.scheme == "int8":
+        elif ctx.int8:
             self._int8(float_path, path, normalized(ctx.calibration, ctx.meta).transpose(0, 2, 3, 1))
         elif ctx.scheme == "w8":
             self._dynamic_range(float_path, path)
@@ -105,9 +105,10 @@ class TFLiteExporter(SchemeSupport):
         float_path.unlink(missing_ok=True)
         layout = "NHWC float32, RGB, (pixel/255 - mean) / std"
         weights = {"fp16": "float16", "int8": "int8 per channel",
+                   "qat-int8": "int8 per channel, fine-tuned by quantization-aware training",
                    "w8": "int8 per channel, dynamic-range (activations quantized at run time)"
                    }.get(ctx.scheme, "float32")
-        if ctx.scheme == "int8":
+        if ctx.int8:
             d = interpreter(path).get_input_details()[0]
             layout = (f"NHWC int8 = round(((pixel/255 - mean) / std) / {d['quantization'][0]:.6g}) "
                       f"+ {d['quantization'][1]} (full-integer model; output int8, dequantize "

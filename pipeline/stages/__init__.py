@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..data import DataConfig
 from ..runner import Stage
-from . import export, load, quantize, reparam, validate
+from . import export, load, qat, quantize, reparam, validate
 
 MODEL_CODE = ("pipeline.models.repvit", "pipeline.models.fusion", "pipeline.models.reparam",
               "pipeline.checkpoints", "pipeline.variants")
@@ -14,7 +14,7 @@ CONVERTERS = ("torch", "coremltools", "onnx", "onnxscript", "onnxsim", "onnxrunt
               "litert-torch", "ai-edge-litert", "ai-edge-quantizer")
 
 SECTIONS = {"load": load.LoadConfig, "reparam": reparam.ReparamConfig,
-            "quantize": quantize.QuantizeConfig, "export": export.ExportConfig,
+            "qat": qat.QatConfig, "quantize": quantize.QuantizeConfig, "export": export.ExportConfig,
             "validate": validate.ValidateConfig, "data": DataConfig}
 
 STAGES = {s.name: s for s in [
@@ -24,12 +24,16 @@ STAGES = {s.name: s for s in [
     Stage("reparam", reparam.run, needs=("load",),
           code=("pipeline.stages.reparam", "pipeline.models.profile", *MODEL_CODE, *DATA_CODE),
           libraries=("torch", "scikit-image", "pillow")),
-    Stage("quantize", quantize.run, needs=("reparam",), sections=("data",),
+    Stage("qat", qat.run, needs=("reparam",), sections=("data",), fingerprint=qat.fingerprint,
+          resumable=True,
+          code=("pipeline.stages.qat", "pipeline.training", "pipeline.fakequant", *MODEL_CODE, *DATA_CODE),
+          libraries=("torch", "torchao", "coremltools", "pillow")),
+    Stage("quantize", quantize.run, needs=("reparam",), uses=("qat",), sections=("data",),
           fingerprint=quantize.fingerprint,
           code=("pipeline.stages.quantize", "pipeline.sensitivity", *MODEL_CODE, *DATA_CODE),
           libraries=("torch", "pillow")),
     Stage("export", export.run, needs=("quantize",),
-          code=("pipeline.stages.export", "pipeline.runtimes", *MODEL_CODE, *DATA_CODE, *FORMAT_CODE),
+          code=("pipeline.stages.export", "pipeline.stages.qat", "pipeline.runtimes", *MODEL_CODE, *DATA_CODE, *FORMAT_CODE),
           libraries=CONVERTERS),
     Stage("validate", validate.run, needs=("reparam", "export"), sections=("data",),
           fingerprint=validate.fingerprint,

@@ -20,6 +20,7 @@ from ..runtimes import open_runtime
 from ..formats.coreml import CoreMLConfig
 from ..formats.onnx import OnnxConfig
 from ..formats.tflite import TFLiteConfig
+from .qat import model_file
 from .reparam import preprocess_of
 
 Format = Literal["coreml", "onnx", "tflite"]
@@ -46,14 +47,14 @@ def artifact_stem(variant: str, scheme: str) -> str:
 
 def run(cfg: ExportConfig, inputs: dict, out_dir: Path) -> dict:
     quant = inputs["quantize"]
-    model, ckpt = load_model(quant / "model.pt")
+    fused, ckpt = load_model(quant / "model.pt")
     quant_facts = facts_of(quant)
     scheme = quant_facts["scheme"]
     calib_file = quant / "calibration_pixels.npy"
     calibration = np.load(calib_file) if calib_file.exists() else None
     pre = preprocess_of(ckpt.meta)
     check = np.stack([pre.pixels(im) for im in sample_images(cfg.check_images, seed=1)])
-    stem = artifact_stem(model.variant.name, scheme)
+    stem = artifact_stem(fused.variant.name, scheme)
     artifacts = []
     for name in cfg.formats:
         exporter = get_exporter(name)
@@ -62,14 +63,27 @@ def run(cfg: ExportConfig, inputs: dict, out_dir: Path) -> dict:
             artifacts.append({"format": name, "path": None, "skipped": reason})
             print(f"    {name}: skipped: {reason}", file=sys.stderr)
             continue
-        ctx = ExportContext(scheme, ckpt.meta, model.variant.name, out_dir / (stem + exporter.suffix),
+        model = model_for(name, quant, scheme, fused)
+        ctx = ExportContext(scheme, ckpt.meta, fused.variant.name, out_dir / (stem + exporter.suffix),
                             calibration, check)
-        result, budget = export_within_budget(exporter, model, ctx, getattr(cfg, name), quant, quant_facts)
+        result, budget = export_within_budget(exporter, model, ctx, getattr(cfg, name), quant, quant_facts,
+                                              reference=fused)
         artifacts.append({"format": name, "path": result.path.name, **result.facts,
                           **({"accuracy_aware": budget} if budget else {})})
         print(f"    {name}: {result.path.name}", file=sys.stderr)
     (out_dir / "labels.txt").write_text("\n".join(ckpt.meta["classes"]) + "\n")
-    return {"scheme": scheme, "variant": model.variant.name, "artifacts": artifacts}
+    return {"scheme": scheme, "variant": fused.variant.name, "artifacts": artifacts}
+
+
+def model_for(fmt: str, quant: Path, scheme: str, fused):
+    """The model to export as ``fmt``: QAT's fine-tuned one for that format, else the fused one."""
+    trained = quant / model_file(fmt)
+    if trained.exists():
+        return load_model(trained)[0]
+    if scheme == "qat-int8":
+        raise ExportError(f"no QAT model for {fmt}: add {fmt} to qat.formats (it lists the formats "
+                          "QAT trains for)")
+    return fused
 
 
 def measure_drop(fmt: str, ctx: ExportContext, pixels: np.ndarray, labels: np.ndarray,
@@ -82,13 +96,15 @@ def measure_drop(fmt: str, ctx: ExportContext, pixels: np.ndarray, labels: np.nd
     return float(100 * diff.mean()), float(100 * diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
-def export_within_budget(exporter, model, ctx: ExportContext, cfg, quant_dir: Path, facts: dict):
-    """Export; for int8 with a budget, keep the most sensitive layers in float (1, 2, 4, ...)
+def export_within_budget(exporter, model, ctx: ExportContext, cfg, quant_dir: Path, facts: dict,
+                         reference=None):
+    """Export ``model``; the drop is measured against ``reference`` (the float model, where
+    ``model`` was fine-tuned by QAT), default ``model``. For int8 with a budget, keep the most sensitive layers in float (1, 2, 4, ...)
     until the top-1 drop on labelled held-out CALIB images is within ``max_drop``, and ship
     the best attempt. A budget still missed warns, or fails with ``on_budget_miss: error``."""
     result = exporter.export(model, ctx, cfg)
     max_drop = facts.get("max_drop")
-    if ctx.scheme != "int8" or max_drop is None:
+    if not ctx.int8 or max_drop is None:
         return result, None
     budget = facts.get("budget_set")
     if budget is None:
@@ -100,7 +116,7 @@ def export_within_budget(exporter, model, ctx: ExportContext, cfg, quant_dir: Pa
     pixels, labels = np.load(quant_dir / "budget_pixels.npy"), np.load(quant_dir / "budget_labels.npy")
     ranking = [r["layer"] for r in json.loads((quant_dir / "sensitivity.json").read_text())]
     with torch.no_grad():
-        float_correct = model(torch.from_numpy(normalized(pixels, ctx.meta))).argmax(1).numpy() == labels
+        float_correct = (reference or model)(torch.from_numpy(normalized(pixels, ctx.meta))).argmax(1).numpy() == labels
 
     attempts = [((), *measure_drop(exporter.name, ctx, pixels, labels, float_correct))]
     k = 1

@@ -4,7 +4,8 @@ Each format is quantized by its own tool on its own graph (onnxruntime on the ON
 graph, ai-edge-quantizer on the TFLite flatbuffer, coremltools on the ML program), so
 the per-format quantizers run inside ``export``. This stage chooses the calibration
 images (deterministically, with the deployment preprocessing, never the scored ones)
-and hands the fused model on; QAT (``qat-int8``) will train here.
+and hands the fused model on, with the fine-tuned model of each format after QAT
+(``qat-int8``: the ``qat`` stage ran before this one).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import load_model, parse, read_file
+from ..runner import facts_of
 from ..data import (DataConfig, DataError, budget_pixels, calibration_pixels, fingerprint_folder,
                     resolve_sets)
 from ..formats import normalized
@@ -27,7 +29,7 @@ from .reparam import preprocess_of
 
 Scheme = Literal["fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8", "qat-int8"]
 CALIBRATED = {"int8", "qat-int8"}
-IMPLEMENTED = {"fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8"}
+IMPLEMENTED = {"fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8", "qat-int8"}
 
 
 @dataclass
@@ -75,6 +77,13 @@ def run(cfg: QuantizeConfig, inputs: dict, out_dir: Path, data: DataConfig) -> d
             f"(available: {', '.join(sorted(IMPLEMENTED))})")
     shutil.copyfile(inputs["reparam"] / "fused.pt", out_dir / "model.pt")
     facts = {"scheme": cfg.scheme, "max_drop": cfg.max_drop, "calibration": None}
+    if cfg.scheme == "qat-int8":
+        if "qat" not in inputs:
+            raise ValueError("scheme qat-int8 needs the qat stage: list it before quantize in the "
+                             "recipe's stages (recipes/qat-int8.yaml does)")
+        for trained in sorted(inputs["qat"].glob("model.*.pt")):
+            shutil.copyfile(trained, out_dir / trained.name)
+        facts["qat"] = facts_of(inputs["qat"])
     if cfg.scheme in CALIBRATED:
         ckpt = parse(read_file(out_dir / "model.pt"))
         sets = resolve_sets(data, ckpt.meta["classes"])
@@ -88,6 +97,6 @@ def run(cfg: QuantizeConfig, inputs: dict, out_dir: Path, data: DataConfig) -> d
                 "a larger DATA")
         np.save(out_dir / "calibration_pixels.npy", pixels)
         facts["calibration"] = {"images": int(len(pixels)), "source": sets.calib_description}
-        if cfg.scheme == "int8" and cfg.max_drop is not None:
+        if cfg.max_drop is not None:
             facts["budget_set"] = _prepare_budget(cfg, ckpt, sets, data, pixels, out_dir)
     return facts

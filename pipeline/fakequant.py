@@ -1,0 +1,168 @@
+"""Fake quantization for quantization-aware training, one backend per int8 target family.
+
+A backend turns the fused float model into a trainable student whose forward pass rounds
+weights and activations as the deployed int8 model will, and reads the fine-tuned float
+weights back out under the fused model's own names (the export stage quantizes them with
+each format's own tool, exactly as it does after post-training calibration).
+
+- ``coremltools``: coremltools' ``LinearQuantizer`` (the Core ML W8A8 scheme).
+- ``torchao``: torchao PT2E QAT with :class:`W8A8Quantizer` below, the scheme onnxruntime
+  and LiteRT run: int8 weights per output channel (symmetric), 8-bit activations per
+  tensor (asymmetric: uint8 for onnxruntime, int8 with a zero point for LiteRT: the same
+  grid shifted by 128).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .quiet import quiet
+
+BACKEND_OF_FORMAT = {"coreml": "coremltools", "onnx": "torchao", "tflite": "torchao"}
+
+
+class FakeQuantBackend(Protocol):
+    name: str
+
+    def prepare(self, model: nn.Module, example: torch.Tensor) -> nn.Module:
+        """A trainable fake-quantized copy of ``model`` (the fused float model)."""
+
+    def set_mode(self, student: nn.Module, train: bool) -> None:
+        ...
+
+
+def freeze_observers(student: nn.Module) -> None:
+    """Stop updating activation and weight ranges (both backends' fake-quant modules,
+    torch.ao's and torchao's, have ``disable_observer``): the last steps then fine-tune
+    against fixed ranges, as the deployed model will have."""
+    for m in student.modules():
+        if hasattr(m, "disable_observer") and hasattr(m, "observer_enabled"):
+            m.disable_observer()
+
+
+def float_state(student: nn.Module, fused: nn.Module) -> dict[str, torch.Tensor]:
+    """The student's float weights under the fused model's names; every one must be found.
+    (coremltools wraps a conv and its activation as ``<name>.conv``.)"""
+    theirs = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
+    out, missing = {}, []
+    for key, value in fused.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        found = [c for c in (key, f"{module}.conv.{leaf}", f"{module}.linear.{leaf}")
+                 if c in theirs and theirs[c].shape == value.shape]
+        if found:
+            out[key] = theirs[found[0]]
+        else:
+            missing.append(key)
+    if missing:
+        raise RuntimeError(f"fake-quantized student lost {len(missing)} fused weights, e.g. "
+                           f"{missing[:3]}: the backend renamed them")
+    return out
+
+
+# ------------------------------------------------------------------------------- torchao PT2E
+
+def _w8a8_specs():
+    from torchao.quantization.pt2e.fake_quantize import FusedMovingAvgObsFakeQuantize
+    from torchao.quantization.pt2e.observer import (MovingAverageMinMaxObserver,
+                                                    MovingAveragePerChannelMinMaxObserver)
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec
+
+    act = QuantizationSpec(
+        dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_tensor_affine,
+        observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(
+            observer=MovingAverageMinMaxObserver, eps=2 ** -12))
+    weight = QuantizationSpec(
+        dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric, ch_axis=0,
+        observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(
+            observer=MovingAveragePerChannelMinMaxObserver, eps=2 ** -12))
+    return act, weight
+
+
+def w8a8_quantizer():
+    """The project's PT2E quantizer (torchao keeps XNNPACKQuantizer private, and
+    litert-torch's PT2EQuantizer fails to annotate QAT graphs with torchao 0.18): conv and
+    linear get quantized inputs, weights and outputs; residual adds quantized inputs and
+    output. Other ops (GELU, sigmoid, the SE multiply) sit between quantized tensors."""
+    from torch.fx import Node
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, Quantizer
+
+    act, weight = _w8a8_specs()
+    aten = torch.ops.aten
+
+    class W8A8Quantizer(Quantizer):
+        def annotate(self, gm):
+            for n in gm.graph.nodes:
+                if n.op != "call_function":
+                    continue
+                if n.target in (aten.conv2d.default, aten.linear.default):
+                    n.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map={n.args[0]: act, n.args[1]: weight}, output_qspec=act,
+                        _annotated=True)
+                elif n.target == aten.add.Tensor and all(isinstance(a, Node) for a in n.args[:2]):
+                    n.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map={n.args[0]: act, n.args[1]: act}, output_qspec=act,
+                        _annotated=True)
+            return gm
+
+        def validate(self, gm):
+            pass
+
+    return W8A8Quantizer()
+
+
+class TorchaoPT2E:
+    name = "torchao"
+
+    def prepare(self, model: nn.Module, example: torch.Tensor) -> nn.Module:
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+        # Train mode and a dynamic batch: an eval-mode export trains a useless model, and a
+        # static batch fixes the graph to the training batch size.
+        with quiet():
+            gm = torch.export.export(copy.deepcopy(model).train(), (example,),
+                                     dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+            return prepare_qat_pt2e(gm, w8a8_quantizer())
+
+    def set_mode(self, student: nn.Module, train: bool) -> None:
+        from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+
+        (move_exported_model_to_train if train else move_exported_model_to_eval)(student)
+
+
+# ------------------------------------------------------------------------------- coremltools
+
+class CoreMLLinearQuantizer:
+    name = "coremltools"
+
+    def prepare(self, model: nn.Module, example: torch.Tensor) -> nn.Module:
+        from coremltools.optimize.torch.quantization import (LinearQuantizer, LinearQuantizerConfig,
+                                                             ModuleLinearQuantizerConfig)
+
+        # The config Core ML's int8 export calibrates with (formats/coreml.py), with fake
+        # quantization on from the first step; observers are frozen by the training loop.
+        config = LinearQuantizerConfig(global_config=ModuleLinearQuantizerConfig(
+            quantization_scheme="symmetric", weight_per_channel=True, activation_observer="min_max",
+            milestones=[0, 0, 1 << 30, 0]))
+        with quiet():
+            student = LinearQuantizer(copy.deepcopy(model).train(), config).prepare(
+                example_inputs=(example,), inplace=False)
+        # The milestones act only through LinearQuantizer.step(); switch both on here instead
+        # (prepare leaves observers and fake quantization off).
+        for m in student.modules():
+            if hasattr(m, "fake_quant_enabled") and hasattr(m, "observer_enabled"):
+                m.enable_fake_quant()
+                m.enable_observer()
+        return student.train()
+
+    def set_mode(self, student: nn.Module, train: bool) -> None:
+        student.train(train)  # no BatchNorm left in the fused model: modes differ only in observers
+
+
+def get_backend(name: str) -> FakeQuantBackend:
+    backends = {"torchao": TorchaoPT2E, "coremltools": CoreMLLinearQuantizer}
+    if name not in backends:
+        raise ValueError(f"unknown fake-quantization backend {name!r}: {', '.join(backends)}")
+    return backends[name]()

@@ -1,0 +1,133 @@
+"""Stage: quantization-aware training (``qat-int8``): the fused float model fine-tuned under
+the fake quantization of each target format's int8 scheme, by distillation from itself
+(plus cross-entropy where CALIB has labels). Its output is one float model per format,
+which ``quantize`` and ``export`` then treat like any other: each format's own int8 tool
+quantizes it, calibrated on the same images as post-training int8.
+
+The fused model is what is trained (no BatchNorm is left to freeze): the weights that get
+fake-quantized are exactly those deployed. Training runs in-process, or under torchrun
+with ``nproc_per_node`` > 1 (DDP), and resumes from its last checkpoint after an
+interruption (the runner keeps a scratch folder per cache key until the stage completes).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ..checkpoints import load_model, save_pipeline_checkpoint
+from ..data import DataConfig, fingerprint_folder, resolve_sets, training_pixels
+from ..fakequant import BACKEND_OF_FORMAT
+from ..progress import Progress
+from ..training import RESULT, Job, Schedule, train
+from .reparam import preprocess_of
+
+Format = Literal["coreml", "onnx", "tflite"]
+
+
+@dataclass
+class QatConfig:
+    # Formats to train for: Core ML's fake quantization is coremltools' LinearQuantizer,
+    # ONNX and TFLite share torchao PT2E's (one training serves both).
+    formats: list[Format] = field(default_factory=lambda: ["coreml", "onnx", "tflite"])
+    train_images: int = 2048        # from CALIB (the training split), never the scored DATA
+    steps: int = 300
+    batch_size: int = 32            # global: split over the processes under torchrun
+    lr: float = 5.0e-5              # AdamW; linear warm-up then cosine to zero
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    freeze_observers_step: int = 200   # ranges fixed for the last steps, as deployed
+    temperature: float = 1.0        # distillation from the float model's logits
+    ce_weight: float = 0.5          # cross-entropy weight, where CALIB has labels
+    calibration_batches: int = 4    # observer warm-up before the first step (the PTQ start)
+    checkpoint_every: int = 50
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    nproc_per_node: int = 1         # > 1: torchrun, one process per GPU (or CPU, gloo)
+
+    def validate(self):
+        if not self.formats:
+            raise ValueError("formats is empty: name at least one of coreml, onnx, tflite")
+        for name in ("train_images", "steps", "batch_size", "checkpoint_every", "nproc_per_node"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.batch_size % self.nproc_per_node:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by nproc_per_node "
+                             f"{self.nproc_per_node}")
+        if not 0 <= self.freeze_observers_step <= self.steps:
+            raise ValueError(f"freeze_observers_step must be within 0..steps ({self.steps})")
+
+    def schedule(self) -> Schedule:
+        return Schedule(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                        weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
+                        freeze_observers_step=self.freeze_observers_step, temperature=self.temperature,
+                        ce_weight=self.ce_weight, calibration_batches=self.calibration_batches,
+                        checkpoint_every=self.checkpoint_every, seed=self.seed, device=self.device)
+
+
+def fingerprint(cfg: QatConfig, data: DataConfig) -> dict:
+    return {"calib": fingerprint_folder(data.calib), "eval": fingerprint_folder(data.eval)}
+
+
+def model_file(fmt: str) -> str:
+    """The QAT model for ``fmt`` in the qat (and quantize) output folders."""
+    return f"model.{fmt}.pt"
+
+
+def launch(job_dir: Path, nproc: int) -> None:
+    """Run the job: in this process, or under torchrun with ``nproc`` processes."""
+    if nproc == 1:
+        train(job_dir)
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "pipeline.training", str(job_dir)]
+    print(f"    torchrun: {' '.join(cmd[3:])}", file=sys.stderr)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    done = subprocess.run(cmd, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"distributed QAT failed (torchrun exit {done.returncode}); its checkpoint "
+                           f"stays in {job_dir}: run again to resume")
+
+
+def run(cfg: QatConfig, inputs: dict, out_dir: Path, data: DataConfig, scratch: Path) -> dict:
+    teacher_path = inputs["reparam"] / "fused.pt"
+    fused, ckpt = load_model(teacher_path)
+    pre = preprocess_of(ckpt.meta)
+    if not (scratch / "pixels.npy").exists():   # else: resuming, images already chosen
+        sets = resolve_sets(data, ckpt.meta["classes"])
+        with Progress(cfg.train_images, "QAT images") as bar:
+            pixels, labels, holdout, description = training_pixels(sets, data, pre, cfg.train_images,
+                                                                   bar.update)
+        if labels is not None:
+            np.save(scratch / "labels.npy", labels)
+        np.save(scratch / "holdout.npy", holdout)
+        (scratch / "description.txt").write_text(description)
+        np.save(scratch / "pixels.npy", pixels)   # last: its presence marks the set complete
+    facts = {"images": (scratch / "description.txt").read_text(), "trained": {}}
+    labels_file = scratch / "labels.npy"
+    for backend in sorted({BACKEND_OF_FORMAT[f] for f in cfg.formats}):
+        job_dir = scratch / backend
+        job_dir.mkdir(exist_ok=True)
+        Job(teacher=str(teacher_path), backend=backend, pixels=str(scratch / "pixels.npy"),
+            labels=str(labels_file) if labels_file.exists() else None,
+            holdout_pixels=str(scratch / "holdout.npy"), mean=list(ckpt.meta["mean"]),
+            std=list(ckpt.meta["std"]), schedule=cfg.schedule()).save(job_dir)
+        print(f"    QAT with {backend} fake quantization "
+              f"(for {', '.join(f for f in cfg.formats if BACKEND_OF_FORMAT[f] == backend)})",
+              file=sys.stderr)
+        launch(job_dir, cfg.nproc_per_node)
+        result = torch.load(job_dir / RESULT, weights_only=True)
+        fused.load_state_dict(result["weights"])
+        for fmt in cfg.formats:
+            if BACKEND_OF_FORMAT[fmt] == backend:
+                save_pipeline_checkpoint(out_dir / model_file(fmt), fused,
+                                         {**ckpt.meta, "qat": {"backend": backend}})
+        facts["trained"][backend] = {**result["facts"],
+                                     "formats": [f for f in cfg.formats if BACKEND_OF_FORMAT[f] == backend]}
+    return facts
