@@ -17,7 +17,8 @@ def test_shipped_recipes_all_validate():
     for quant in ["fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8", "qat-int8"]:
         r = resolve_recipe(RunOptions(quant=quant))
         assert r.quant == quant and r.sections["quantize"].scheme == quant
-        assert r.stages == ["load", "reparam", "quantize", "export", "validate"]
+        qat = ["qat"] if quant == "qat-int8" else []
+        assert r.stages == ["load", "reparam", *qat, "quantize", "export", "validate"]
 
 
 def test_user_recipe_extends_and_overrides_single_keys(tmp_path):
