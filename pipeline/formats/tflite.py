@@ -72,11 +72,62 @@ def op_counts(path: Path) -> dict[str, int]:
     return counts
 
 
+def layer_scope(model: torch.nn.Module, layer: str) -> list[str]:
+    """litert-torch names an op's output tensor by its module path, one
+    ``<module.Class>_<attribute>`` per level (the model's top-level ``features`` container
+    left out): the scope ai-edge-quantizer's recipes select ops by."""
+    out, module = [], model
+    for attr in layer.split("."):
+        module = getattr(module, attr)
+        out.append(f"{type(module).__module__}.{type(module).__name__}_{attr}")
+    return out
+
+
+def _ops(path: Path) -> list[tuple[str, list[str], list[str]]]:
+    """(op name, input tensor names, output tensor names) of the main subgraph."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.ModelT.InitFromPackedBuf(Path(path).read_bytes(), 0)
+    names = {v: k for k, v in schema.BuiltinOperator.__dict__.items() if not k.startswith("_")}
+    sg = m.subgraphs[0]
+    tname = lambda i: sg.tensors[i].name.decode() if i >= 0 else ""
+    out = []
+    for op in sg.operators:
+        code = m.operatorCodes[op.opcodeIndex]
+        out.append((names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "?"),
+                    [tname(i) for i in op.inputs], [tname(i) for i in op.outputs]))
+    return out
+
+
+def float_layer_patterns(model: torch.nn.Module, layers: tuple[str, ...], float_path: Path) -> list[str]:
+    """One ai-edge-quantizer scope regex per layer kept in float. The conv / fully-connected
+    op is found by the module path in its tensors' names (its weights keep it even where
+    its output is renamed, as the model's output is); the regex is that op's exact scope."""
+    import re
+
+    ops = [o for o in _ops(float_path) if o[0] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
+    patterns = []
+    for layer in layers:
+        parts = layer_scope(model, layer)
+        matches = []
+        for candidate in ("/".join(parts), "/".join(parts[1:])):
+            named = lambda names: any(re.search(re.escape("/" + candidate) + "(;|$)", n) for n in names)
+            # By its output; else by its weights (inputs after the activation).
+            matches = ([o for o in ops if candidate and named(o[2])] or
+                       [o for o in ops if candidate and named(o[1][1:])])
+            if matches:
+                break
+        if len(matches) != 1:
+            raise ExportError(f"found {len(matches)} TFLite ops for layer {layer!r} (litert-torch "
+                              "changed its tensor naming?): cannot keep it in float")
+        # ai-edge-quantizer's scope: the output names joined by ";", plus a trailing ";".
+        patterns.append("^" + re.escape(";".join(matches[0][2]) + ";") + "$")
+    return patterns
+
+
 class TFLiteExporter(SchemeSupport):
     name, suffix = "tflite", ".tflite"
-    # ai-edge-quantizer selects ops by tensor-name regex; litert-torch names tensors by class
-    # path with instance counters, not module names: no reliable mapping yet.
-    keeps_float_layers = False
+    keeps_float_layers = True   # through ai-edge-quantizer's per-scope no_quantize recipes
     schemes = ("fp32", "fp16", "int8", "qat-int8", "w8")
     cannot = {"pal": "TFLite has no palettized (look-up-table) weight type"}
 
@@ -97,7 +148,8 @@ class TFLiteExporter(SchemeSupport):
         if ctx.scheme == "fp16":
             self._fp16(float_path, path)
         elif ctx.int8:
-            self._int8(float_path, path, normalized(ctx.calibration, ctx.meta).transpose(0, 2, 3, 1))
+            keep = float_layer_patterns(model, ctx.float_layers, float_path)
+            self._int8(float_path, path, normalized(ctx.calibration, ctx.meta).transpose(0, 2, 3, 1), keep)
         elif ctx.scheme == "w8":
             self._dynamic_range(float_path, path)
         else:
@@ -124,14 +176,25 @@ class TFLiteExporter(SchemeSupport):
         return ExportResult(path, facts)
 
     @staticmethod
-    def _int8(src: Path, dst: Path, calibration_nhwc: np.ndarray) -> None:
+    def _int8(src: Path, dst: Path, calibration_nhwc: np.ndarray, keep_float: list[str]) -> None:
         """Static full-integer int8 (ai-edge-quantizer): int8 weights per channel, int8
-        activations from min/max over the calibration images."""
+        activations from min/max over the calibration images; ops whose scope matches a
+        ``keep_float`` pattern stay float (the accuracy-aware pass)."""
         try:
             with quiet():
-                _int8_calibrate_and_quantize(src, dst, np.ascontiguousarray(calibration_nhwc, np.float32))
+                _int8_calibrate_and_quantize(src, dst, np.ascontiguousarray(calibration_nhwc, np.float32),
+                                             keep_float)
         except Exception as e:
             raise ExportError(f"TFLite int8 quantization failed: {type(e).__name__}: {e}") from e
+        if keep_float:
+            import re
+
+            details = interpreter(dst).get_tensor_details()
+            for pattern in keep_float:
+                # The op's own output stays float (a quantize op after it may reuse the name).
+                kept = [d for d in details if re.search(pattern, d["name"] + ";")]   # one output: scope
+                if not any(d["dtype"] == np.float32 for d in kept):
+                    raise ExportError(f"TFLite: the layer matching {pattern!r} was not kept in float")
 
     @staticmethod
     def _dynamic_range(src: Path, dst: Path) -> None:
@@ -151,13 +214,17 @@ class TFLiteExporter(SchemeSupport):
             result.export_model(str(dst))
 
 
-def _int8_calibrate_and_quantize(src: Path, dst: Path, calibration_nhwc: np.ndarray) -> None:
+def _int8_calibrate_and_quantize(src: Path, dst: Path, calibration_nhwc: np.ndarray,
+                                 keep_float: list[str] = ()) -> None:
     from ai_edge_quantizer import quantizer, recipe
 
     it = interpreter(src)
     (signature, spec), = it.get_signature_list().items()
     name = spec["inputs"][0]
-    q = quantizer.Quantizer(str(src), recipe.static_wi8_ai8())
+    # Later entries win where scopes overlap.
+    steps = recipe.static_wi8_ai8() + [{"regex": p, "operation": "*", "algorithm_key": "no_quantize"}
+                                       for p in keep_float]
+    q = quantizer.Quantizer(str(src), steps)
     data = {signature: [{name: calibration_nhwc[i:i + 1]} for i in range(len(calibration_nhwc))]}
     result = q.quantize(q.calibrate(data, num_threads=os.cpu_count() or 1))
     result.export_model(str(dst), overwrite=True)

@@ -128,22 +128,25 @@ def test_sensitivity_ranks_every_layer_most_harmful_first(trained):
     assert all(np.isfinite(r["sqnr_db"]) and r["sqnr_db"] > 10 for r in ranking)
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "coreml"])
+@pytest.mark.parametrize("fmt", ["onnx", "coreml", "tflite"])
 def test_float_layers_stay_float(fmt, trained, tmp_path):
     from dataclasses import replace
 
     from pipeline.formats import ExportContext
 
-    layers = ("features.0.0", "classifier")
+    layers = ("features.0.0", "features.1.token_mixer.1.fc1", "classifier")
     exporter = get_exporter(fmt)
     ctx = ExportContext("int8", trained.meta, "m0.6", tmp_path / f"m{exporter.suffix}", trained.calibration)
     cfg = {"onnx": __import__("pipeline.formats.onnx", fromlist=["OnnxConfig"]).OnnxConfig,
-           "coreml": __import__("pipeline.formats.coreml", fromlist=["CoreMLConfig"]).CoreMLConfig}[fmt]()
+           "coreml": __import__("pipeline.formats.coreml", fromlist=["CoreMLConfig"]).CoreMLConfig,
+           "tflite": __import__("pipeline.formats.tflite", fromlist=["TFLiteConfig"]).TFLiteConfig}[fmt]()
     all_int8 = exporter.export(trained.fused, ctx, cfg).facts["ops"]
     kept = exporter.export(trained.fused, replace(ctx, out_path=tmp_path / f"k{exporter.suffix}",
                                                   float_layers=layers), cfg).facts["ops"]
     if fmt == "coreml":   # one compressed weight per quantized layer
         assert all_int8["constexpr_affine_dequantize"] - kept["constexpr_affine_dequantize"] == len(layers)
+    elif fmt == "tflite":  # float islands: dequantize in, quantize out (outputs checked float by export)
+        assert kept.get("DEQUANTIZE", 0) > all_int8.get("DEQUANTIZE", 0)
     else:                 # weight DQ + activation Q/DQ of each excluded node are gone
         assert kept["DequantizeLinear"] < all_int8["DequantizeLinear"]
 
