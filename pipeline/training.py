@@ -170,13 +170,12 @@ def train(folder: Path, on_step: Optional[Callable[[int], None]] = None) -> dict
     torch.manual_seed(sch.seed)
 
     teacher, _ = load_model(job.teacher)
-    teacher = teacher.eval().to(device)
     pixels = np.load(job.pixels)
     labels = np.load(job.labels) if job.labels else None
     holdout = np.load(job.holdout_pixels)
     backend = get_backend(job.backend)
-    example = _normalize(pixels[:2], job.mean, job.std, "cpu")
-    student = backend.prepare(teacher.cpu(), example).to(device)
+    # Prepared on the CPU (graph capture), then both models move to the device.
+    student = backend.prepare(teacher.eval(), _normalize(pixels[:2], job.mean, job.std, "cpu")).to(device)
     teacher.to(device)
 
     start, history = 0, []

@@ -56,9 +56,6 @@ class Exporter(Protocol):
     def export(self, model: torch.nn.Module, ctx: ExportContext, cfg) -> ExportResult:
         ...
 
-    # Whether ``ExportContext.float_layers`` is honoured (the accuracy-aware pass needs it).
-    keeps_float_layers: bool
-
 
 class SchemeSupport:
     """``unsupported`` from data: the schemes an exporter produces, and why it cannot

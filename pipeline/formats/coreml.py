@@ -93,7 +93,6 @@ def _set_metadata(ml, ctx: ExportContext, cfg: CoreMLConfig, precision: str) -> 
 
 class CoreMLExporter(SchemeSupport):
     name, suffix = "coreml", ".mlpackage"
-    keeps_float_layers = True
     schemes = ("fp32", "fp16", "int8", "qat-int8", "w8", "pal4", "pal6", "pal8")
 
     def export(self, model: nn.Module, ctx: ExportContext, cfg: CoreMLConfig) -> ExportResult:

@@ -101,7 +101,6 @@ def quantize_int8(path: Path, calibration: np.ndarray, cfg: OnnxConfig,
 
 class OnnxExporter(SchemeSupport):
     name, suffix = "onnx", ".onnx"
-    keeps_float_layers = True
     schemes = ("fp32", "fp16", "int8", "qat-int8")
     cannot = {"pal": "ONNX has no palettized (look-up-table) weight type",
               "w8": "onnxruntime has no weight-only int8 Conv kernel (its dynamic quantization "

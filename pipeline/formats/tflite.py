@@ -4,6 +4,7 @@ ai-edge-quantizer's float-casting recipe."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -73,9 +74,9 @@ def op_counts(path: Path) -> dict[str, int]:
 
 
 def layer_scope(model: torch.nn.Module, layer: str) -> list[str]:
-    """litert-torch names an op's output tensor by its module path, one
-    ``<module.Class>_<attribute>`` per level (the model's top-level ``features`` container
-    left out): the scope ai-edge-quantizer's recipes select ops by."""
+    """The module path of ``layer`` as litert-torch writes it into tensor names: one
+    ``<module.Class>_<attribute>`` per level (it leaves the model's top-level ``features``
+    container out; the caller tries both)."""
     out, module = [], model
     for attr in layer.split("."):
         module = getattr(module, attr)
@@ -103,8 +104,6 @@ def float_layer_patterns(model: torch.nn.Module, layers: tuple[str, ...], float_
     """One ai-edge-quantizer scope regex per layer kept in float. The conv / fully-connected
     op is found by the module path in its tensors' names (its weights keep it even where
     its output is renamed, as the model's output is); the regex is that op's exact scope."""
-    import re
-
     ops = [o for o in _ops(float_path) if o[0] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
     patterns = []
     for layer in layers:
@@ -127,7 +126,6 @@ def float_layer_patterns(model: torch.nn.Module, layers: tuple[str, ...], float_
 
 class TFLiteExporter(SchemeSupport):
     name, suffix = "tflite", ".tflite"
-    keeps_float_layers = True   # through ai-edge-quantizer's per-scope no_quantize recipes
     schemes = ("fp32", "fp16", "int8", "qat-int8", "w8")
     cannot = {"pal": "TFLite has no palettized (look-up-table) weight type"}
 
@@ -187,8 +185,6 @@ class TFLiteExporter(SchemeSupport):
         except Exception as e:
             raise ExportError(f"TFLite int8 quantization failed: {type(e).__name__}: {e}") from e
         if keep_float:
-            import re
-
             details = interpreter(dst).get_tensor_details()
             for pattern in keep_float:
                 # The op's own output stays float (a quantize op after it may reuse the name).

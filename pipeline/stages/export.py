@@ -98,10 +98,11 @@ def measure_drop(fmt: str, ctx: ExportContext, pixels: np.ndarray, labels: np.nd
 
 def export_within_budget(exporter, model, ctx: ExportContext, cfg, quant_dir: Path, facts: dict,
                          reference=None):
-    """Export ``model``; the drop is measured against ``reference`` (the float model, where
-    ``model`` was fine-tuned by QAT), default ``model``. For int8 with a budget, keep the most sensitive layers in float (1, 2, 4, ...)
-    until the top-1 drop on labelled held-out CALIB images is within ``max_drop``, and ship
-    the best attempt. A budget still missed warns, or fails with ``on_budget_miss: error``."""
+    """Export ``model`` (every exporter honours ``ctx.float_layers``). For int8 with a
+    budget, keep the most sensitive layers in float (1, 2, 4, ...) until the top-1 drop
+    against ``reference`` (the float model, where QAT fine-tuned ``model``; default
+    ``model``) on labelled held-out CALIB images is within ``max_drop``, and ship the best
+    attempt. A budget still missed warns, or fails with ``on_budget_miss: error``."""
     result = exporter.export(model, ctx, cfg)
     max_drop = facts.get("max_drop")
     if not ctx.int8 or max_drop is None:
@@ -110,13 +111,11 @@ def export_within_budget(exporter, model, ctx: ExportContext, cfg, quant_dir: Pa
     if budget is None:
         return result, {"checked": False, "reason": "needs labelled CALIB images; max_drop is "
                                                     "checked only after validation"}
-    if not exporter.keeps_float_layers:
-        return result, {"checked": False, "reason": f"keeping layers in float is not available for "
-                                                    f"{exporter.name} in this version"}
     pixels, labels = np.load(quant_dir / "budget_pixels.npy"), np.load(quant_dir / "budget_labels.npy")
     ranking = [r["layer"] for r in json.loads((quant_dir / "sensitivity.json").read_text())]
+    reference = model if reference is None else reference
     with torch.no_grad():
-        float_correct = (reference or model)(torch.from_numpy(normalized(pixels, ctx.meta))).argmax(1).numpy() == labels
+        float_correct = reference(torch.from_numpy(normalized(pixels, ctx.meta))).argmax(1).numpy() == labels
 
     attempts = [((), *measure_drop(exporter.name, ctx, pixels, labels, float_correct))]
     k = 1
