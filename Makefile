@@ -53,6 +53,7 @@ bench: ## Benchmarks under bench/ (ratios measured in one run; accuracy needs ..
 	$(PY) bench/bench_latency.py
 	$(PY) bench/bench_compression.py
 	$(PY) bench/bench_qat.py
+	$(PY) bench/bench_calibration.py
 
 cache-ls: ## List cached stage outputs
 	$(PY) -m pipeline cache ls --artifacts $(ARTIFACTS)

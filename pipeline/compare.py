@@ -22,6 +22,7 @@ def rows_of(quant: str, rep: dict) -> list[dict]:
         host = next((l for l in a["latency"] if l["target"].startswith("host (1 ")), None)
         rows.append({"scheme": quant, "format": a["format"], "file": a["path"], "mb": a["bytes"] / 1e6,
                      "top1": acc["top1"] if acc else None, "n": acc["n"] if acc else fid.get("n"),
+                     "drop": (acc or {}).get("drop_vs_float"),
                      "agreement": fid.get("top1_agreement"), "sqnr_db": fid.get("sqnr_db"),
                      "host_ms": host["median_ms"] if host else None,
                      "host_method": f"measured, {host['runtime']}, 1 thread" if host else None,
@@ -114,19 +115,22 @@ def table_rows(result: dict) -> list[list[str]]:
     out = []
     for r in result["rows"]:
         if r.get("skipped"):
-            out.append([r["scheme"], r["format"], "-", "-", "-", "-", "-", f"not produced: {r['skipped']}"])
+            out.append([r["scheme"], r["format"], "-", "-", "-", "-", "-", "-", f"not produced: {r['skipped']}"])
             continue
         iph = r.get("iphone")
+        drop = r.get("drop")
         out.append([r["scheme"], r["format"], _fmt(r["mb"], ".2f"), _fmt(r["top1"], ".2f", 100),
+                    f"{drop['points']:.2f} ± {drop['standard_error']:.2f}" if drop else "-",
                     _fmt(r["agreement"], ".2f", 100), _fmt(r["host_ms"], ".2f"),
                     f"{iph['ms']:.2f} ({iph['method']}{', extrapolated' if iph.get('extrapolated') else ''})"
                     if iph else "-", r["method"]])
     for f in result["failed"]:
-        out.append([f["scheme"], "all", "-", "-", "-", "-", "-", f"not produced: {f['reason']}"])
+        out.append([f["scheme"], "all", "-", "-", "-", "-", "-", "-", f"not produced: {f['reason']}"])
     return out
 
 
-HEADER = ["scheme", "format", "size MB", "top-1 %", "agreement %", "host ms (1 thread)",
+HEADER = ["scheme", "format", "size MB", "top-1 %", "drop, points (± 1 s.e.)", "agreement %",
+          "host ms (1 thread)",
           "iPhone ms", "how"]
 
 
@@ -136,7 +140,9 @@ def markdown(result: dict) -> str:
     lines += [f"- Evaluation images: {result['data']['eval']}", ""]
     lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
-    lines += ["", "Agreement: top-1 agreement with the fused float PyTorch model on the same images. "
+    lines += ["", "Drop: top-1 points lost against the fused float PyTorch model on the same images, "
+              "with the standard error of that paired difference. "
+              "Agreement: top-1 agreement with the fused float PyTorch model on the same images. "
               "Host latency: batch 1 median on this machine's CPU (see each deploy's report.json).",
               "", "![accuracy vs latency and size](compare.png)", ""]
     return "\n".join(lines)

@@ -186,8 +186,9 @@ class DataConfig:
     eval: Optional[str] = None
     calib: Optional[str] = None
     calib_images: int = 256
-    # Labelled CALIB images, disjoint from the calibration ones, on which the accuracy-aware
-    # pass checks max_drop before validation (the scored DATA is never used for it).
+    # CALIB images, disjoint from the calibration ones (natural photos where CALIB has none
+    # to spare), on which the accuracy-aware pass checks max_drop before validation (the
+    # scored DATA is never used for it).
     budget_images: int = 500
     eval_images: Optional[int] = None   # score N images, a deterministic spread over the set
     seed: int = 0
@@ -269,33 +270,60 @@ def load_pixels(images: ImageSet, pre: Preprocess, progress=None) -> np.ndarray:
     return np.stack(out)
 
 
-def budget_pixels(sets: Sets, cfg: DataConfig, pre: Preprocess) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """(uint8 NHWC, labels) of labelled CALIB images not used for calibration, or None
-    when CALIB is absent or unlabelled."""
-    if sets.calib is None or not sets.calib.labels or len(sets.calib) <= cfg.calib_images:
+@dataclass(frozen=True)
+class BudgetSet:
+    """Images the int8 budget is checked on, never calibrated on nor scored: with labels
+    the drop is in top-1 points, without them in top-1 agreement points (100 - agreement
+    with the float model), an upper bound on the top-1 drop."""
+    pixels: np.ndarray              # uint8 NHWC
+    labels: Optional[np.ndarray]
+    description: str
+
+
+def _held_out(calib: Optional[ImageSet], cfg: DataConfig) -> Optional[ImageSet]:
+    """The CALIB images after the calibration ones, up to ``budget_images`` of them."""
+    if calib is None or len(calib) <= cfg.calib_images:
         return None
-    rest = sets.calib.split(cfg.calib_images, cfg.seed)[1]
-    if len(rest) > cfg.budget_images:
-        rest = rest.split(cfg.budget_images, cfg.seed + 2, ("budget", "rest"))[0]
-    return load_pixels(rest, pre), np.asarray(rest.labels)
+    rest = calib.split(cfg.calib_images, cfg.seed)[1]
+    return rest.split(min(cfg.budget_images, len(rest)), cfg.seed + 2, ("budget", "rest"))[0]
+
+
+def _held_out_photos(n: int, seed: int) -> list[Image.Image]:
+    """Natural sample photos cropped differently from the calibration ones (whose
+    uncropped originals they share, so those are left out)."""
+    return sample_images(n + len(SAMPLE_PHOTOS), seed)[len(SAMPLE_PHOTOS):]
+
+
+def budget_set(sets: Sets, cfg: DataConfig, pre: Preprocess, progress=None) -> BudgetSet:
+    """CALIB images not used for calibration (labelled or not); where CALIB has none to
+    spare, natural sample photos cropped differently from the calibration ones."""
+    held = _held_out(sets.calib, cfg)
+    if held is None:
+        photos = _held_out_photos(cfg.budget_images, cfg.seed + 2)
+        return BudgetSet(np.stack([pre.pixels(im) for im in photos]), None,
+                         f"{len(photos)} natural sample photos (no held-out CALIB images: pass a CALIB "
+                         f"with more than data.calib_images={cfg.calib_images} images)")
+    labels = np.asarray(held.labels) if held.labels else None
+    return BudgetSet(load_pixels(held, pre, progress), labels,
+                     f"{len(held)} {'labelled' if labels is not None else 'unlabelled'} CALIB images "
+                     "held out of calibration")
 
 
 def training_pixels(sets: Sets, cfg: DataConfig, pre: Preprocess, n: int, progress=None
                     ) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray, str]:
     """QAT images: (uint8 NHWC, labels or None, held-out uint8 NHWC, description). The
-    held-out images are the int8 budget set where CALIB is labelled (so QAT's readout and
-    the accuracy-aware pass use the same images), else a tenth of CALIB; never trained on."""
+    held-out images are the int8 budget set where CALIB has images to spare (so QAT's
+    readout and the accuracy-aware pass use the same images), else a tenth of CALIB; never
+    trained on."""
     if sets.calib is None:
         train = sample_images(n, cfg.seed)
-        holdout = sample_images(64, cfg.seed + 1)[len(SAMPLE_PHOTOS):]
+        holdout = _held_out_photos(64 - len(SAMPLE_PHOTOS), cfg.seed + 1)
         return (np.stack([pre.pixels(im) for im in train]), None,
                 np.stack([pre.pixels(im) for im in holdout]),
                 f"{n} natural sample photos (random crops and flips; no labels: distillation only)")
     calib = sets.calib
-    if calib.labels and len(calib) > cfg.calib_images:
-        rest = calib.split(cfg.calib_images, cfg.seed)[1]
-        held = rest.split(min(cfg.budget_images, len(rest)), cfg.seed + 2, ("budget", "rest"))[0]
-    else:
+    held = _held_out(calib, cfg)
+    if held is None:
         held = calib.split(max(1, min(cfg.budget_images, len(calib) // 10)), cfg.seed + 2,
                            ("holdout", "rest"))[0]
     held_paths = set(held.paths)

@@ -76,14 +76,19 @@ def budget_of(artifacts: list[dict], records: dict, reference: Optional[dict]) -
     max_drop = (records["quantize"].facts if "quantize" in records else {}).get("max_drop")
     ref_acc = (reference or {}).get("accuracy")
     for a in artifacts:
-        if a.get("accuracy") and ref_acc:
-            drop, unit = 100 * (ref_acc["top1"] - a["accuracy"]["top1"]), "top-1 points"
-        elif a.get("fidelity"):
-            drop, unit = 100 * (1 - a["fidelity"]["top1_agreement"]), "agreement points"
+        acc, fid, se = a.get("accuracy"), a.get("fidelity"), None
+        if acc and ref_acc:
+            drop, unit = 100 * (ref_acc["top1"] - acc["top1"]), "top-1 points"
+            se = (acc.get("drop_vs_float") or {}).get("standard_error")
+        elif fid:
+            p = 1 - fid["top1_agreement"]
+            drop, unit = 100 * p, "agreement points"
+            se = 100 * (p * (1 - p) / max(fid["n"] - 1, 1)) ** 0.5
         else:
             a["budget"] = None
             continue
         a["budget"] = {"max_drop": max_drop, "drop": round(drop, 3), "unit": unit,
+                       "standard_error": None if se is None else round(se, 3),
                        "met": None if max_drop is None else drop <= max_drop}
 
 
@@ -183,21 +188,23 @@ def markdown(r: dict) -> str:
     for a in r["artifacts"]:
         b = a.get("budget")
         if b and b["max_drop"] is not None:
-            lines.append(f"- Budget, {a['format']}: drop {b['drop']:.2f} {b['unit']} against max_drop "
-                         f"{b['max_drop']} ({'met' if b['met'] else '**missed**'}).")
+            se = f" ± {b['standard_error']:.2f}" if b.get("standard_error") is not None else ""
+            lines.append(f"- Budget, {a['format']}: drop {b['drop']:.2f}{se} {b['unit']} (1 s.e.) "
+                         f"against max_drop {b['max_drop']} ({'met' if b['met'] else '**missed**'}).")
     for a in r["artifacts"]:
         aa = a["export"].get("accuracy_aware")
         if aa and aa["checked"]:
             kept = ", ".join(f"`{l}`" for l in aa["float_layers"]) or "none"
-            lines.append(f"- Accuracy-aware pass, {a['format']}: top-1 drop {aa['drop_before']:.2f} -> "
-                         f"{aa['drop_after']:.2f} ± {aa['standard_error']:.2f} points (1 s.e.) on "
-                         f"{aa['images']} held-out CALIB images ({'met' if aa['met'] else '**missed**'}); "
-                         f"layers kept in float: {kept}.")
+            lines.append(f"- Accuracy-aware pass, {a['format']}: drop {aa['drop_before']:.2f} -> "
+                         f"{aa['drop_after']:.2f} ± {aa['standard_error']:.2f} {aa['unit']} (1 s.e.) on "
+                         f"{aa.get('source') or str(aa['images']) + ' held-out images'} "
+                         f"({'met' if aa['met'] else '**missed**'}); layers kept in float: {kept}"
+                         f"{'; stopped: ' + aa['stopped'] if aa.get('stopped') else ''}.")
         elif aa:
             lines.append(f"- Accuracy-aware pass, {a['format']}: not run ({aa['reason']}).")
     if missed:
         lines.append("\n> The accuracy budget was missed on the evaluation images. The "
-                     "accuracy-aware pass, where it ran, checked the budget on held-out CALIB "
+                     "accuracy-aware pass, where it ran, checked the budget on held-out "
                      "images; see above.")
     lines.append("")
     if r["skipped"]:

@@ -87,6 +87,11 @@ def test_bad_set_value_is_attributed_to_set():
         load_recipe("fp32", SECTIONS, ["export.onnx.opset=x"])
 
 
+def test_out_of_range_percentile_is_refused():
+    with pytest.raises(RecipeError, match=r"export.onnx .*percentile 80.0 is outside 90-100"):
+        load_recipe("int8", SECTIONS, ["export.onnx.percentile=80"])
+
+
 def test_unknown_section_and_stage(tmp_path):
     p = write(tmp_path, "extends: base.yaml\nquantise:\n  scheme: int8\n")
     with pytest.raises(RecipeError, match=r"unknown section 'quantise'.*did you mean 'quantize'"):

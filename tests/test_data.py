@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import (DataConfig, DataError, Preprocess, budget_pixels, class_index_for,
-                           image_folder, imagenet_classes, open_image, resolve_sets, training_pixels)
+from pipeline.data import (DataConfig, DataError, Preprocess, budget_set, class_index_for,
+                           calibration_pixels, image_folder, imagenet_classes, open_image, resolve_sets,
+                           training_pixels)
 
 
 def make_folder(root, classes, per_class=3, size=(40, 30)):
@@ -57,9 +58,11 @@ def test_qat_trains_on_calib_and_holds_out_the_budget_images(tmp_path):
     sets = resolve_sets(cfg, ["a", "b"])
     pre = Preprocess(size=8, crop_pct=1.0, interpolation="bilinear")
     train, labels, held, description = training_pixels(sets, cfg, pre, n=100)
-    budget, _ = budget_pixels(sets, cfg, pre)
+    budget = budget_set(sets, cfg, pre)
     key = lambda px: {tuple(p[0, 0]) for p in px}
-    assert key(held) == key(budget), "QAT's readout images are the int8 budget images"
+    assert key(held) == key(budget.pixels), "QAT's readout images are the int8 budget images"
+    calibrated = calibration_pixels(sets, cfg, pre)
+    assert len(budget.labels) == 8 and not key(calibrated) & key(budget.pixels)
     assert len(train) == 32 and not key(train) & key(held) and len(labels) == 32
     assert "32 CALIB images (labelled), 8 more held out" in description
     assert len(training_pixels(sets, cfg, pre, n=12)[0]) == 12
@@ -67,6 +70,28 @@ def test_qat_trains_on_calib_and_holds_out_the_budget_images(tmp_path):
     nothing = resolve_sets(DataConfig(calib_images=4), ["a", "b"])
     train, labels, held, _ = training_pixels(nothing, DataConfig(), pre, n=20)
     assert len(train) == 20 and labels is None and len(held) > 0
+
+
+def test_budget_set_without_labels(tmp_path):
+    """Unlabelled CALIB: its spare images, without labels; no spare CALIB images (or no
+    CALIB): natural photos cropped unlike the calibration ones, without labels."""
+    root = tmp_path / "calib"
+    root.mkdir()
+    for i in range(30):
+        Image.fromarray(np.full((8, 8, 3), (i * 8, 0, 0), np.uint8)).save(root / f"{i}.png")
+    pre = Preprocess(size=8, crop_pct=1.0, interpolation="bilinear")
+    cfg = DataConfig(calib=str(root), calib_images=10, budget_images=50)
+    budget = budget_set(resolve_sets(cfg, ["a", "b"]), cfg, pre)
+    assert budget.labels is None and len(budget.pixels) == 20
+    assert "20 unlabelled CALIB images held out" in budget.description
+    for cfg in (DataConfig(calib=str(root), calib_images=30, budget_images=12), DataConfig(budget_images=12)):
+        sets = resolve_sets(cfg, ["a", "b"])
+        budget = budget_set(sets, cfg, pre)
+        assert budget.labels is None and len(budget.pixels) == 12 and "natural sample photos" in budget.description
+    pre = Preprocess(size=32, crop_pct=1.0, interpolation="bilinear")
+    cfg = DataConfig(calib_images=20, budget_images=12)
+    calibrated = {p.tobytes() for p in calibration_pixels(resolve_sets(cfg, ["a"]), cfg, pre)}
+    assert not calibrated & {p.tobytes() for p in budget_set(resolve_sets(cfg, ["a"]), cfg, pre).pixels}
 
 
 def test_corrupt_image_and_missing_folder(tmp_path):

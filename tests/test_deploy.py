@@ -115,7 +115,8 @@ def test_qat_int8_deploy_trains_once_and_hands_its_model_to_export(tiny, tmp_pat
     artifacts = tmp_path / "artifacts"
     qat = ("qat.steps=6 qat.batch_size=4 qat.warmup_steps=1 qat.freeze_observers_step=4 "
            "qat.calibration_batches=1 qat.formats=[onnx] export.formats=[onnx] "
-           "quantize.min_calibration_images=4 data.calib_images=6")
+           "quantize.min_calibration_images=4 data.calib_images=6 data.budget_images=16 "
+           "quantize.max_float_layers=1")
 
     def run(extra=""):
         cmd = [sys.executable, "-m", "pipeline", "deploy", "--quant", "qat-int8", "--variant", "m0.6",
@@ -133,6 +134,10 @@ def test_qat_int8_deploy_trains_once_and_hands_its_model_to_export(tiny, tmp_pat
     assert onnx["path"] == "RepViT-M0.6-qat-int8.onnx"
     assert "fine-tuned by quantization-aware training" in onnx["export"]["precision"]
     assert "Quantization-aware training on" in (artifacts / "m0.6-qat-int8" / "report.md").read_text()
+    # No spare labelled CALIB: the budget is checked in agreement points on natural photos.
+    aa = onnx["export"]["accuracy_aware"]
+    assert aa["checked"] and aa["unit"] == "agreement points" and aa["images"] == 16
+    assert "natural sample photos" in aa["source"] and len(aa["attempts"]) <= 2
     # The exported model is QAT's: its ONNX twin is the fine-tuned model, not the fused one.
     cache = artifacts / "cache"
     trained = next(cache.glob("quantize/*/model.onnx.pt"))
@@ -144,3 +149,27 @@ def test_qat_int8_deploy_trains_once_and_hands_its_model_to_export(tiny, tmp_pat
 
     rep = run("qat.lr=2e-5")
     assert {s["name"] for s in rep["stages"] if not s["cache_hit"]} == {"qat", "quantize", "export", "validate"}
+
+
+def test_compare_puts_schemes_side_by_side(tiny, tmp_path):
+    """make compare: each scheme deployed, one table (JSON, Markdown, HTML) and a plot; a
+    format that cannot express a scheme is a row saying why."""
+    artifacts = tmp_path / "artifacts"
+    cmd = ["make", "-s", "compare", f"PY={sys.executable}", "VARIANT=m0.6", "QUANTS=fp16 w8",
+           f"CKPT={tiny / 'tiny.pth'}", f"DATA={tiny / 'data'}", f"ARTIFACTS={artifacts}",
+           f"SET={FAST} export.formats=[onnx,tflite]"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    folder = artifacts / "m0.6-compare"
+    result = json.loads((folder / "compare.json").read_text())
+    rows = {(r["scheme"], r["format"]): r for r in result["rows"]}
+    assert set(rows) == {("fp16", "onnx"), ("fp16", "tflite"), ("w8", "onnx"), ("w8", "tflite")}
+    assert "onnxruntime has no weight-only int8" in rows[("w8", "onnx")]["skipped"]
+    for key in (("fp16", "onnx"), ("fp16", "tflite"), ("w8", "tflite")):
+        r = rows[key]
+        assert r["n"] == 6 and r["host_ms"] > 0 and r["method"] == "measured"
+        assert abs(r["drop"]["points"] - 100 * (result["reference"]["accuracy"]["top1"] - r["top1"])) < 1e-6
+    md = (folder / "compare.md").read_text()
+    assert "| fp16 | onnx |" in md and "drop, points (± 1 s.e.)" in md
+    assert (folder / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "data:image/png;base64," in (folder / "compare.html").read_text()

@@ -20,7 +20,7 @@ import torch
 
 from ..checkpoints import load_model, parse, read_file
 from ..runner import facts_of
-from ..data import (DataConfig, DataError, budget_pixels, calibration_pixels, fingerprint_folder,
+from ..data import (DataConfig, DataError, budget_set, calibration_pixels, fingerprint_folder,
                     resolve_sets)
 from ..formats import normalized
 from ..sensitivity import layer_sensitivity
@@ -39,8 +39,8 @@ class QuantizeConfig:
     max_drop: Optional[float] = None
     # Fewer calibration images than this give activation ranges that do not generalize.
     min_calibration_images: int = 32
-    # Accuracy-aware pass (int8 with max_drop and labelled CALIB): images for the per-layer
-    # sensitivity ranking, and the most layers it may keep in float.
+    # Accuracy-aware pass (int8 with max_drop): images for the per-layer sensitivity
+    # ranking, and the most layers it may keep in float.
     sensitivity_images: int = 32
     max_float_layers: int = 16
     # A budget still missed after the pass: warn and ship the best attempt, or fail.
@@ -54,19 +54,22 @@ def fingerprint(cfg: QuantizeConfig, data: DataConfig) -> dict:
 
 
 def _prepare_budget(cfg: QuantizeConfig, ckpt, sets, data: DataConfig, pixels: np.ndarray,
-                    out_dir: Path) -> Optional[dict]:
-    """Labelled held-out images and the layer ranking for the accuracy-aware pass."""
-    pre = preprocess_of(ckpt.meta)
-    budget = budget_pixels(sets, data, pre)
-    if budget is None:
-        return None
-    np.save(out_dir / "budget_pixels.npy", budget[0])
-    np.save(out_dir / "budget_labels.npy", budget[1])
+                    out_dir: Path) -> dict:
+    """Held-out images and the layer ranking for the accuracy-aware pass."""
+    if not ckpt.meta.get("weights", {}).get("trained", True):
+        return {"skipped": "untrained weights: what int8 costs them says nothing about what it "
+                           "costs a trained model"}
+    with Progress(data.budget_images, "budget images") as bar:
+        budget = budget_set(sets, data, preprocess_of(ckpt.meta), bar.update)
+    np.save(out_dir / "budget_pixels.npy", budget.pixels)
+    if budget.labels is not None:
+        np.save(out_dir / "budget_labels.npy", budget.labels)
     model, _ = load_model(out_dir / "model.pt")
     x = torch.from_numpy(normalized(pixels[:cfg.sensitivity_images], ckpt.meta))
     ranking = layer_sensitivity(model, x)
     (out_dir / "sensitivity.json").write_text(json.dumps(ranking, indent=1))
-    return {"images": int(len(budget[1])), "source": f"labelled CALIB images not used for calibration",
+    return {"images": int(len(budget.pixels)), "source": budget.description,
+            "unit": "top-1 points" if budget.labels is not None else "agreement points",
             "max_float_layers": cfg.max_float_layers, "on_miss": cfg.on_budget_miss}
 
 

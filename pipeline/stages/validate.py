@@ -77,6 +77,14 @@ def accuracy(scores: np.ndarray, labels: np.ndarray, dataset: str) -> dict:
             "n": int(len(labels)), "dataset": dataset}
 
 
+def paired_drop(reference: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> dict:
+    """Top-1 points lost against the float model on the same images, and the standard error
+    of that paired difference (only images where exactly one of the two is right count)."""
+    d = (reference.argmax(1) == labels).astype(np.float64) - (scores.argmax(1) == labels)
+    se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return {"points": float(100 * d.mean()), "standard_error": float(100 * se)}
+
+
 def measure_latency(predict, pixel: np.ndarray, warmup: int, runs: int) -> dict:
     for _ in range(warmup):
         predict(pixel)
@@ -147,7 +155,8 @@ def run(cfg: ValidateConfig, inputs: dict, out_dir: Path, data: DataConfig) -> d
         s = np.concatenate(scores[f])
         target = softmax(ref) if rt.outputs == "probabilities" else ref
         entry = {"format": f, "runtime": rt.name, "method": rt.method, "outputs": rt.outputs,
-                 "accuracy": accuracy(s, y, dataset) if y is not None else None,
+                 "accuracy": ({**accuracy(s, y, dataset), "drop_vs_float": paired_drop(ref, s, y)}
+                              if y is not None else None),
                  "fidelity": fidelity(target, s), "latency": []}
         if rt.method == "measured":
             for t in cfg.threads:

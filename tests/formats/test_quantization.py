@@ -45,6 +45,26 @@ def test_int8_fidelity_and_size(fmt, trained, tmp_path, fp32_sizes):
     assert 0.2 < size(r.path) / fp32_sizes[fmt] < 0.35
 
 
+def test_coreml_activation_options_reach_the_program(trained, tmp_path):
+    """export.coreml.quantization_scheme / activation_observer are what coremltools uses:
+    symmetric programs quantize activations without zero points (uint8 from 0 after a ReLU,
+    int8 around 0 elsewhere), affine ones with them; both stay above the fidelity floor."""
+    from pipeline.formats.coreml import CoreMLConfig
+    from pipeline.runtimes.mil import load_program
+
+    for scheme, observer in (("symmetric", "moving_average_min_max"), ("affine", "min_max")):
+        cfg = CoreMLConfig(quantization_scheme=scheme, activation_observer=observer)
+        (tmp_path / scheme).mkdir()
+        r = export("coreml", "int8", trained, tmp_path / scheme, cfg)
+        assert f"({scheme}), ranges by {observer}" in r.facts["compression"]
+        _, prog = load_program(r.path)
+        quantize = [op for op in prog.functions["main"].operations if op.op_type == "quantize"]
+        zero_points = [op for op in quantize if "zero_point" in op.inputs and np.any(op.inputs["zero_point"].val)]
+        assert quantize and (bool(zero_points) == (scheme == "affine")), (scheme, len(zero_points))
+        fid = fidelity(softmax(reference_logits(trained)), outputs("coreml", r.path, trained))
+        assert fid["top1_agreement"] >= 0.97 and fid["sqnr_db"] >= FLOOR_DB["coreml"], (scheme, fid)
+
+
 def test_a_wrong_zero_point_falls_below_the_floor(trained, tmp_path, monkeypatch):
     """The same TFLite int8 model fed with its input zero point off by 30: caught."""
     from pipeline.formats import tflite
@@ -192,9 +212,52 @@ def test_accuracy_aware_pass_keeps_layers_until_the_budget_holds(trained, tmp_pa
                                                   facts(max_drop=-5.0))
     assert not budget["met"] and budget["float_layers"] == layers[:4]
     assert [a["float_layers"] for a in budget["attempts"]] == [0, 1, 2, 4]
+    # Keeping a layer in float that does not lower the drop ends the pass: the all-int8
+    # artifact is shipped again rather than float layers that buy nothing.
+    seen.clear()
+    monkeypatch.setattr(export_stage, "measure_drop", lambda *a: (3.0, 0.5))
+    _, budget = export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant,
+                                                  facts(max_drop=1.5))
+    assert seen == [(), ("features.0.0",), ()] and budget["float_layers"] == [] and not budget["met"]
+    assert budget["stopped"] == "1 layer(s) in float did not lower the drop"
+    monkeypatch.setattr(export_stage, "measure_drop", lambda *a: (3.0 - len(seen[-1]), 0.5))
     # ... or refused, when the recipe says so.
-    with pytest.raises(ExportError, match=r"misses max_drop -5.0: best top-1 drop -1.00 ± 0.50"):
+    with pytest.raises(ExportError, match=r"misses max_drop -5.0: best drop -1.00 ± 0.50 top-1 points"):
         export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant,
                                           facts(max_drop=-5.0, on_miss="error"))
+
+
+def test_without_labels_the_budget_is_in_agreement_points(trained, tmp_path):
+    """No labels: the drop is the share of held-out images whose class the artifact changes,
+    measured in its runtime (onnxruntime here) against the float model."""
+    from pipeline.formats import ExportContext, ExportError, normalized
+    from pipeline.formats.onnx import OnnxConfig
+    from pipeline.runtimes import open_runtime
+    from pipeline.stages import export as export_stage
+
+    quant = tmp_path / "quantize"
+    quant.mkdir()
+    np.save(quant / "budget_pixels.npy", trained.check)
+    (quant / "sensitivity.json").write_text('[{"layer": "classifier", "sqnr_db": 20}]')
+    ctx = ExportContext("int8", trained.meta, "m0.6", tmp_path / "m.onnx", trained.calibration)
+    facts = {"scheme": "int8", "max_drop": 50.0,
+             "budget_set": {"images": len(trained.check), "max_float_layers": 1, "on_miss": "error",
+                            "source": "128 unlabelled CALIB images held out of calibration"}}
+    _, budget = export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(),
+                                                  quant, facts)
+    with torch.no_grad():
+        float_pred = trained.fused(torch.from_numpy(normalized(trained.check, trained.meta))).argmax(1).numpy()
+    int8_pred = open_runtime("onnx", ctx.out_path, trained.meta).predict(trained.check).argmax(1)
+    changed = 100 * (int8_pred != float_pred).mean()
+    assert budget["unit"] == "agreement points" and budget["met"] and budget["float_layers"] == []
+    assert budget["drop_before"] == round(changed, 3) < 10, "int8 keeps most predictions"
+    # A budget below the measured disagreement is refused, naming the unit and the way out.
+    facts["max_drop"] = changed / 2 if changed else -1.0
+    with pytest.raises(ExportError, match=r"agreement points .* pass a labelled CALIB"):
+        export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant, facts)
+    # Untrained weights: nothing to check, and the report says why.
+    facts["budget_set"] = {"skipped": "untrained weights: ..."}
+    _, budget = export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant, facts)
+    assert budget == {"checked": False, "reason": "untrained weights: ..."}
 
 

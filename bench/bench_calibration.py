@@ -1,0 +1,63 @@
+"""Which activation ranges keep int8 closest to float? Each format's calibration options
+on the trained reference (../shared/data/reference: RepViT-M0.9, CIFAR-10, 64x64), through
+the pipeline: 256 training images calibrate, test images are scored, the accuracy-aware
+pass is off (``quantize.max_drop=null``) so the rows compare the ranges alone. Prints the
+top-1 drop against float with its standard error (paired) and the top-1 agreement with
+float, the less noisy of the two; the defaults in recipes/base.yaml were chosen from it."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.shared import REFERENCE, ROOT, require_shared, unpacked  # noqa: E402
+from pipeline.deploy import RunOptions, deploy, log_stderr  # noqa: E402
+
+# (format, what, recipe overrides); the shipped default is the row without overrides.
+CHOICES = [
+    ("coreml", "min/max, symmetric", ["export.coreml.activation_observer=min_max"]),
+    ("coreml", "moving-average min/max, symmetric (default)", []),
+    ("coreml", "EMA min/max, symmetric", ["export.coreml.activation_observer=ema_min_max"]),
+    ("coreml", "min/max, affine", ["export.coreml.activation_observer=min_max",
+                                   "export.coreml.quantization_scheme=affine"]),
+    ("coreml", "moving-average min/max, affine", ["export.coreml.quantization_scheme=affine"]),
+    ("onnx", "min/max", ["export.onnx.calibration=minmax"]),
+    ("onnx", "percentile 99.99", ["export.onnx.percentile=99.99"]),
+    ("onnx", "percentile 99.999 (default)", []),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--eval-images", type=int, default=0, help="test images scored (0: all 10,000)")
+    ap.add_argument("--formats", nargs="+", default=["coreml", "onnx"])
+    args = ap.parse_args()
+    require_shared()
+    cifar = unpacked("cifar10-jpg.tar.gz", "cifar10")
+    common = ["validate.latency_runs=3", "validate.threads=[1]", "quantize.max_drop=null"]
+    if args.eval_images:
+        common.append(f"data.eval_images={args.eval_images}")
+    rows = []
+    for fmt, what, sets in CHOICES:
+        if fmt not in args.formats:
+            continue
+        opts = RunOptions(quant="int8", checkpoint=str(REFERENCE), data=str(cifar / "test"),
+                          calib=str(cifar / "train"), artifacts=ROOT / "artifacts" / "bench-calibration",
+                          sets=tuple(common + [f"export.formats=[{fmt}]"] + sets))
+        rep, _ = deploy(opts, log_stderr)
+        (a,) = rep["artifacts"]
+        rows.append((fmt, what, a["accuracy"]["drop_vs_float"], a["fidelity"]["top1_agreement"], a["method"]))
+    ref = rep["reference"]["accuracy"]
+    print(f"\nRepViT-M0.9 CIFAR-10 reference, {ref['n']} test images; float PyTorch top-1 "
+          f"{100 * ref['top1']:.2f}% (measured). Core ML rows are simulated (MIL interpreter, fp16); "
+          "ONNX rows are measured in onnxruntime.")
+    print(f"{'format':7} {'activation ranges':45} {'drop, points':>14} {'agreement %':>12}")
+    for fmt, what, drop, agreement, method in rows:
+        print(f"{fmt:7} {what:45} {drop['points']:6.2f} ± {drop['standard_error']:.2f} "
+              f"{100 * agreement:12.2f} [{method}]")
+
+
+if __name__ == "__main__":
+    main()

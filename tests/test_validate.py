@@ -1,0 +1,40 @@
+"""Validation numbers and how reports state them: paired drops with their standard error."""
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.report import budget_of
+from pipeline.stages.validate import paired_drop
+
+
+def one_hot(pred, classes=3):
+    return np.eye(classes)[pred]
+
+
+def test_paired_drop_counts_only_images_where_one_model_is_right():
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    ref = one_hot([0, 1, 2, 0, 1, 2, 1, 1])     # 7 right
+    art = one_hot([0, 1, 2, 1, 2, 2, 2, 1])     # 5 right; image 6 wrong in both (differently)
+    d = np.array([0, 0, 0, 1, 1, 0, 0, 0], float)
+    out = paired_drop(ref, art, labels)
+    assert out["points"] == pytest.approx(25.0)
+    assert out["standard_error"] == pytest.approx(100 * d.std(ddof=1) / math.sqrt(8))
+
+
+class Record:
+    def __init__(self, facts):
+        self.facts = facts
+
+
+def test_budget_states_unit_and_standard_error():
+    records = {"quantize": Record({"max_drop": 0.3})}
+    labelled = {"accuracy": {"top1": 0.66, "drop_vs_float": {"points": 1.0, "standard_error": 0.4}},
+                "fidelity": {"top1_agreement": 0.95, "n": 1000}}
+    unlabelled = {"accuracy": None, "fidelity": {"top1_agreement": 0.96, "n": 101}}
+    budget_of([labelled, unlabelled], records, {"accuracy": {"top1": 0.67}})
+    assert labelled["budget"] == {"max_drop": 0.3, "drop": pytest.approx(1.0), "unit": "top-1 points",
+                                  "standard_error": 0.4, "met": False}
+    b = unlabelled["budget"]
+    assert b["unit"] == "agreement points" and b["drop"] == pytest.approx(4.0) and not b["met"]
+    assert b["standard_error"] == pytest.approx(100 * math.sqrt(0.04 * 0.96 / 100), abs=1e-3)
