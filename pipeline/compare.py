@@ -130,8 +130,7 @@ def table_rows(result: dict) -> list[list[str]]:
 
 
 HEADER = ["scheme", "format", "size MB", "top-1 %", "drop, points (± 1 s.e.)", "agreement %",
-          "host ms (1 thread)",
-          "iPhone ms", "how"]
+          "host ms (1 thread)", "iPhone ms", "how"]
 
 
 def markdown(result: dict) -> str:

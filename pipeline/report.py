@@ -76,10 +76,10 @@ def budget_of(artifacts: list[dict], records: dict, reference: Optional[dict]) -
     max_drop = (records["quantize"].facts if "quantize" in records else {}).get("max_drop")
     ref_acc = (reference or {}).get("accuracy")
     for a in artifacts:
-        acc, fid, se = a.get("accuracy"), a.get("fidelity"), None
+        acc, fid = a.get("accuracy"), a.get("fidelity")
         if acc and ref_acc:
-            drop, unit = 100 * (ref_acc["top1"] - acc["top1"]), "top-1 points"
-            se = (acc.get("drop_vs_float") or {}).get("standard_error")
+            paired = acc["drop_vs_float"]   # same images through both models
+            drop, se, unit = paired["points"], paired["standard_error"], "top-1 points"
         elif fid:
             p = 1 - fid["top1_agreement"]
             drop, unit = 100 * p, "agreement points"
@@ -88,7 +88,7 @@ def budget_of(artifacts: list[dict], records: dict, reference: Optional[dict]) -
             a["budget"] = None
             continue
         a["budget"] = {"max_drop": max_drop, "drop": round(drop, 3), "unit": unit,
-                       "standard_error": None if se is None else round(se, 3),
+                       "standard_error": round(se, 3),
                        "met": None if max_drop is None else drop <= max_drop}
 
 

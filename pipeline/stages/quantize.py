@@ -69,7 +69,6 @@ def _prepare_budget(cfg: QuantizeConfig, ckpt, sets, data: DataConfig, pixels: n
     ranking = layer_sensitivity(model, x)
     (out_dir / "sensitivity.json").write_text(json.dumps(ranking, indent=1))
     return {"images": int(len(budget.pixels)), "source": budget.description,
-            "unit": "top-1 points" if budget.labels is not None else "agreement points",
             "max_float_layers": cfg.max_float_layers, "on_miss": cfg.on_budget_miss}
 
 
