@@ -1,41 +1,92 @@
-"""Host latency ratios of the shipped artifacts (int8 and fp16 vs fp32), batch 1, each
-pair measured alternating in one process (these machines are noisy: only ratios in one
-run mean anything). Also the wall time of `make deploy` cold and warm."""
+"""Host latency of the shipped artifacts (int8 and fp16 vs fp32), batch 1, each pair
+measured alternating in one process (these machines are noisy: only ratios in one run mean
+anything); how each int8 artifact executes (LiteRT delegate partitions and the ops left
+outside XNNPACK; onnxruntime's ops in float between DequantizeLinear and QuantizeLinear)
+and onnxruntime's per-op time split from its profiler. Also the wall time of `make deploy`
+cold and warm.
+
+The weights are the seeded untrained ones of `CKPT=random`, with BatchNorm statistics
+randomized so that every layer is active (pipeline/models/init.py): speed as with trained
+weights, accuracy meaningless."""
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import statistics
+import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data import sample_images  # noqa: E402
 from pipeline.deploy import RunOptions, deploy  # noqa: E402
-from pipeline.runtimes import open_runtime  # noqa: E402
+from pipeline.formats.onnx import INPUT  # noqa: E402
+from pipeline.formats.tflite import execution as tflite_execution  # noqa: E402
+from pipeline.report import execution_line  # noqa: E402
+from pipeline.runtimes import OnnxRuntime, alternate_latency, open_runtime  # noqa: E402
 from pipeline.stages.reparam import preprocess_of  # noqa: E402
 from pipeline.stages.validate import cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def alternate(a, b, pixel, runs):
-    ta, tb = [], []
-    for _ in range(10):
-        a.predict(pixel), b.predict(pixel)
-    for _ in range(runs):
-        for rt, times in ((a, ta), (b, tb)):
-            t = time.perf_counter()
-            rt.predict(pixel)
-            times.append(time.perf_counter() - t)
-    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+class SpinningOnnx(OnnxRuntime):
+    """onnxruntime with its default thread spinning (the pipeline turns it off: on a
+    shared 2-core machine the spinning threads of one session slow the other, so these
+    rows are timed in blocks, one session at a time, not run by run)."""
+
+    def __init__(self, path: Path, meta: dict, threads: int):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.log_severity_level = threads, 3
+        self.sess, self.meta = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), meta
+
+
+def blocked_latency(runtimes: list, pixels, runs: int, block: int = 20) -> list[float]:
+    """Medians of each runtime timed alone in blocks of ``block`` runs, blocks alternating."""
+    import statistics
+
+    calls = [rt.invoker(pixels) for rt in runtimes]
+    times = [[] for _ in runtimes]
+    for _ in range(max(1, runs // block)):
+        for call, t in zip(calls, times):
+            for _ in range(3):
+                call()       # let the other session's threads go to sleep
+            for _ in range(block):
+                start = time.perf_counter()
+                call()
+                t.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def onnx_op_split(path: Path, meta: dict, pixel, threads: int, warmup: int = 5,
+                  runs: int = 20) -> dict[str, float]:
+    """Milliseconds per run by op type, from onnxruntime's profiler."""
+    import onnxruntime as ort
+
+    from pipeline.formats import normalized
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.log_severity_level = threads, 3
+        opts.enable_profiling, opts.profile_file_prefix = True, str(Path(tmp) / "profile")
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        x = normalized(pixel, meta)
+        for _ in range(warmup + runs):
+            sess.run(None, {INPUT: x})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    events = [e for e in events if e["ts"] >= starts[warmup]]   # warm-up runs left out
+    split: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e["args"]["op_name"]
+            split[op] = split.get(op, 0.0) + e["dur"] / runs / 1e3
+    return split
 
 
 def main():
@@ -43,6 +94,7 @@ def main():
     ap.add_argument("--variant", default="m0.9")
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--no-deploy-timing", action="store_true")
     args = ap.parse_args()
     out = ROOT / "artifacts" / "bench-latency"
     log = lambda m: None  # noqa: E731
@@ -51,21 +103,46 @@ def main():
     reports = {q: deploy(RunOptions(quant=q, **base), log) for q in ("fp32", "fp16", "int8")}
     meta = reports["fp32"][0]["preprocess"] | {"classes": []}
     pixel = preprocess_of(meta).pixels(sample_images(1)[0])[None]
-    print(f"measured: {cpu_name()}, RepViT-{args.variant.upper()} (untrained weights: speed only), "
-          f"{meta['input_size']}px, batch 1, {args.runs} alternating runs per pair, medians")
-    print(f"{'format':7} {'threads':>7} {'scheme':6} {'ms':>7} {'fp32 ms':>8} {'ratio':>6}")
-    for fmt in ("onnx", "tflite"):
+
+    def path_of(scheme: str, fmt: str) -> Path:
+        rep, folder = reports[scheme]
+        return folder / next(a for a in rep["artifacts"] if a["format"] == fmt)["path"]
+
+    print(f"measured: {cpu_name()}, RepViT-{args.variant.upper()} (untrained weights, BatchNorm "
+          f"randomized: speed only), {meta['input_size']}px, batch 1, {args.runs} alternating runs "
+          "per pair (spinning rows: blocks of 20), medians of the runtime's own call (input "
+          "already converted)")
+    print(f"{'runtime':22} {'threads':>7} {'scheme':6} {'ms':>7} {'fp32 ms':>8} {'ratio':>6}")
+    rows = [("onnxruntime", "onnx", None), ("onnxruntime, spinning", "onnx", SpinningOnnx),
+            ("LiteRT", "tflite", None)]
+    for label, fmt, runtime in rows:
         for threads in args.threads:
             for q in ("fp16", "int8"):
-                paths = {}
-                for s in ("fp32", q):
-                    rep, folder = reports[s]
-                    a = next(a for a in rep["artifacts"] if a["format"] == fmt)
-                    paths[s] = folder / a["path"]
-                f32 = open_runtime(fmt, paths["fp32"], meta, threads)
-                other = open_runtime(fmt, paths[q], meta, threads)
-                t32, tq = alternate(f32, other, pixel, args.runs)
-                print(f"{fmt:7} {threads:>7} {q:6} {tq:7.2f} {t32:8.2f} {tq / t32:6.2f}")
+                make = runtime or (lambda p, m, t, f=fmt: open_runtime(f, p, m, t))
+                timer = blocked_latency if runtime else alternate_latency
+                t32, tq = timer([make(path_of("fp32", fmt), meta, threads),
+                                 make(path_of(q, fmt), meta, threads)], pixel, runs=args.runs)
+                print(f"{label:22} {threads:>7} {q:6} {tq:7.2f} {t32:8.2f} {tq / t32:6.2f}")
+
+    print("\nhow the int8 artifacts execute:")
+    tfl = tflite_execution(path_of("int8", "tflite"))
+    print(f"  tflite: {execution_line('tflite', tfl)[0]}")
+    onnx_facts = next(a for a in reports["int8"][0]["artifacts"] if a["format"] == "onnx")["export"]
+    print(f"  onnx:   {execution_line('onnx', onnx_facts['execution'])[0]}")
+    print("  LiteRT per-op times: not available from LiteRT's Python API (the XNNPACK partition is "
+          "one node); TFLite's benchmark_model --enable_op_profiling=true gives them on a device.")
+
+    print("\nonnxruntime per-op time split (its profiler, ms per run):")
+    for threads in args.threads:
+        for scheme in ("fp32", "int8"):
+            split = onnx_op_split(path_of(scheme, "onnx"), meta, pixel, threads)
+            total = sum(split.values())
+            top = ", ".join(f"{k} {v:.2f} ({100 * v / total:.0f}%)"
+                            for k, v in sorted(split.items(), key=lambda kv: -kv[1])[:7])
+            print(f"  {scheme} {threads} thread(s): total {total:.2f} ms: {top}")
+
+    if args.no_deploy_timing:
+        return
     # make deploy wall time, cold (fresh cache) and warm (everything cached)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = ["make", "-s", "deploy", f"PY={sys.executable}", f"VARIANT={args.variant}", "QUANT=int8",
@@ -75,7 +152,7 @@ def main():
             t = time.perf_counter()
             subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
             times.append(time.perf_counter() - t)
-    print(f"make deploy VARIANT={args.variant} QUANT=int8: cold {times[0]:.1f} s, warm {times[1]:.2f} s "
+    print(f"\nmake deploy VARIANT={args.variant} QUANT=int8: cold {times[0]:.1f} s, warm {times[1]:.2f} s "
           f"(measured wall time, this machine)")
 
 

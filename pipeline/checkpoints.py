@@ -2,7 +2,8 @@
 
 Layouts: the official release (``{"model": sd, ...}``, with or without the
 distillation head), timm (``stem.``/``stages.``/``head.`` keys), a bare state dict,
-DDP-prefixed state dicts, and this pipeline's own checkpoints.
+DDP-prefixed state dicts, and this pipeline's own checkpoints; each as a ``torch.save``
+file or as ``.safetensors`` (timm's and the Hugging Face hub's format).
 """
 from __future__ import annotations
 
@@ -51,12 +52,37 @@ class Checkpoint:
 
 # ---------------------------------------------------------------- reading the file
 
+def is_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return (path.suffix == ".safetensors" or
+            len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size)
+
+
+def _read_safetensors(path: Path, size: int) -> dict:
+    """A safetensors file as a state dict (it holds tensors only: nothing to execute)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} ({size:,} bytes) is not a readable safetensors file: it is truncated or "
+            "corrupt (an interrupted download, a partial copy). Delete it and fetch it again. "
+            f"(safetensors said: {str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
 def read_file(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)`` with the failure modes turned into advice."""
+    """``torch.load(weights_only=True)``, or safetensors, with the failure modes turned
+    into advice."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     size = path.stat().st_size
+    if is_safetensors(path):
+        return _read_safetensors(path, size)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -128,6 +154,11 @@ def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _is_legacy(sd: dict[str, torch.Tensor]) -> bool:
+    """First-version RepVGGDW: a BatchNorm on the 1x1 branch (``conv1.bn``), official or timm keys."""
+    return any(re.search(r"token_mixer(\.0)?\.conv1\.bn\.weight$", k) for k in sd)
+
+
 def _timm_signature(sd: dict[str, torch.Tensor]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """(embed_dim, depth) read off timm keys."""
     depths: dict[int, int] = {}
@@ -167,17 +198,17 @@ def _official_signature(sd: dict[str, torch.Tensor]) -> list[tuple[int, int, int
 
 def guess_variant(sd: dict[str, torch.Tensor]) -> Optional[str]:
     """The variant whose block structure matches an official-layout state dict."""
-    sig = _official_signature(sd)
+    sig, legacy = _official_signature(sd), _is_legacy(sd)
     for name, v in VARIANTS.items():
-        if sig == [(b.inp, b.oup, b.stride, b.use_se) for b in block_specs(v)]:
+        if v.legacy == legacy and sig == [(b.inp, b.oup, b.stride, b.use_se) for b in block_specs(v)]:
             return name
     return None
 
 
 def _guess_timm_variant(sd: dict[str, torch.Tensor]) -> Optional[Variant]:
-    sig = _timm_signature(sd)
+    sig, legacy = _timm_signature(sd), _is_legacy(sd)
     for v in VARIANTS.values():
-        if sig == (v.embed_dim, v.depth):
+        if v.legacy == legacy and sig == (v.embed_dim, v.depth):
             return v
     return None
 

@@ -56,7 +56,8 @@ def variants(as_json: bool):
                      "gmacs": round(p.macs / 1e9, 2), "published_params_m": v.published.params_m,
                      "published_gmacs": v.published.gmacs, "published_top1": v.published.top1,
                      "iphone12_ms_published": v.published.iphone12_ms,
-                     "weights": v.weights.url})
+                     "legacy": v.legacy, "weights": v.weights.url,
+                     "hub": f"hf-hub:{v.hub_id}" if v.hub_id else None})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -68,7 +69,11 @@ def variants(as_json: bool):
     for r in rows:
         click.echo(f"{r['variant']:8} {r['params_m']:>10.2f} {fmt(r['published_params_m']):>6} "
                    f"{r['gmacs']:>7.2f} {fmt(r['published_gmacs']):>5} "
-                   f"{fmt(r['published_top1']):>9} {r['iphone12_ms_published']:>15}")
+                   f"{fmt(r['published_top1']):>9} {fmt(r['iphone12_ms_published']):>15}"
+                   f"{'  legacy (first paper version)' if r['legacy'] else ''}")
+    click.echo("\nWeights (CKPT=official downloads the release file; CKPT=hf-hub:... timm's copy):")
+    for r in rows:
+        click.echo(f"{r['variant']:8} {r['weights']}" + (f"\n{'':8} {r['hub']}" if r["hub"] else ""))
 
 
 @main.command()

@@ -1,12 +1,15 @@
-"""Official RepViT weights: downloaded once into a cache, verified, never fetched again."""
+"""Official RepViT weights: downloaded once into a cache, verified, never fetched again;
+and checkpoints from the Hugging Face hub (``hf-hub:<repo>[@revision]``) through huggingface_hub."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import tempfile
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -107,3 +110,82 @@ def fetch_official(variant: Variant, url: Optional[str] = None, directory: Optio
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# ---------------------------------------------------------------- the Hugging Face hub
+
+HUB_PREFIX = "hf-hub:"
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")   # timm's, newest first
+
+
+@dataclass
+class HubWeights:
+    path: Path
+    sha256: str
+    repo: str
+    revision: str        # what was asked for (a branch, tag or commit)
+    config: Optional[dict]   # the repo's config.json (timm: architecture, pretrained_cfg)
+
+
+def parse_hub_spec(spec: str) -> tuple[str, str]:
+    """``hf-hub:<org>/<name>[@revision]`` -> (repo id, revision; default ``main``)."""
+    body = spec[len(HUB_PREFIX):] if spec.startswith(HUB_PREFIX) else spec
+    repo, _, revision = body.partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ValueError(f"{spec!r}: a hub checkpoint is hf-hub:<org>/<name>[@revision], "
+                         "e.g. hf-hub:timm/repvit_m1_1.dist_450e_in1k")
+    return repo, revision or "main"
+
+
+def fetch_hub(spec: str) -> HubWeights:
+    """A RepViT checkpoint from the Hugging Face hub through huggingface_hub: its cache
+    (downloaded once, reused offline), revision pinning (``@<commit or tag>``), offline
+    mode (``HF_HUB_OFFLINE=1``) and tokens (``HF_TOKEN``) all work as that library
+    documents. The hub checks each LFS file against its sha256 as it downloads it; the
+    digest is recomputed here for the report and the cache key."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    repo, revision = parse_hub_spec(spec)
+
+    def get(filename: str) -> Optional[Path]:
+        try:
+            return Path(hf_hub_download(repo, filename, revision=revision, library_name="repvit-pipeline"))
+        except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+            raise WeightsUnavailable(f"{spec}: {type(e).__name__}: the hub has no such repository or "
+                                     "revision (or it needs a token: set HF_TOKEN)") from None
+        except LocalEntryNotFoundError:
+            raise WeightsUnavailable(
+                f"{spec}: {filename} is not in the local hub cache and the hub cannot be reached "
+                "(offline, or HF_HUB_OFFLINE=1). Download it once with network, or pass a local "
+                "file: CKPT=/path/to/model.safetensors") from None
+        except EntryNotFoundError:
+            return None
+        except (HfHubHTTPError, OSError) as e:
+            raise WeightsUnavailable(f"{spec}: could not download {filename} ({e})") from None
+
+    weights = next((p for p in map(get, HUB_WEIGHT_FILES) if p is not None), None)
+    if weights is None:
+        raise WeightsUnavailable(f"{spec}: the repository has none of {', '.join(HUB_WEIGHT_FILES)}")
+    config_path = get("config.json")
+    config = json.loads(config_path.read_text()) if config_path else None
+    return HubWeights(weights, sha256_file(weights), repo, revision, config)
+
+
+def hub_meta(config: Optional[dict]) -> dict:
+    """Preprocessing, labels and architecture from a timm ``config.json``."""
+    if not config:
+        return {}
+    cfg = config.get("pretrained_cfg") or {}
+    meta = {}
+    if cfg.get("input_size"):
+        meta["input_size"] = int(cfg["input_size"][-1])
+    for key in ("crop_pct", "interpolation", "mean", "std"):
+        if cfg.get(key) is not None:
+            meta[key] = list(cfg[key]) if isinstance(cfg[key], (list, tuple)) else cfg[key]
+    if config.get("label_names"):
+        meta["classes"] = list(config["label_names"])
+    if config.get("architecture"):
+        meta["architecture"] = config["architecture"]
+    return meta

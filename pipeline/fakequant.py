@@ -137,14 +137,18 @@ class TorchaoPT2E:
 class CoreMLLinearQuantizer:
     name = "coremltools"
 
+    def __init__(self, scheme: str = "symmetric", observer: str = "moving_average_min_max"):
+        self.scheme, self.observer = scheme, observer
+
     def prepare(self, model: nn.Module, example: torch.Tensor) -> nn.Module:
         from coremltools.optimize.torch.quantization import (LinearQuantizer, LinearQuantizerConfig,
                                                              ModuleLinearQuantizerConfig)
 
-        # The config Core ML's int8 export calibrates with (formats/coreml.py), with fake
-        # quantization on from the first step; observers are frozen by the training loop.
+        # The config Core ML's int8 export calibrates with (formats/coreml.py: its scheme and
+        # observer), with fake quantization on from the first step; observers are frozen by
+        # the training loop.
         config = LinearQuantizerConfig(global_config=ModuleLinearQuantizerConfig(
-            quantization_scheme="symmetric", weight_per_channel=True, activation_observer="min_max",
+            quantization_scheme=self.scheme, weight_per_channel=True, activation_observer=self.observer,
             milestones=[0, 0, 1 << 30, 0]))
         with quiet():
             student = LinearQuantizer(copy.deepcopy(model).train(), config).prepare(
@@ -161,8 +165,10 @@ class CoreMLLinearQuantizer:
         student.train(train)  # no BatchNorm left in the fused model: modes differ only in observers
 
 
-def get_backend(name: str) -> FakeQuantBackend:
-    backends = {"torchao": TorchaoPT2E, "coremltools": CoreMLLinearQuantizer}
-    if name not in backends:
-        raise ValueError(f"unknown fake-quantization backend {name!r}: {', '.join(backends)}")
-    return backends[name]()
+def get_backend(name: str, coreml_scheme: str = "symmetric",
+                coreml_observer: str = "moving_average_min_max") -> FakeQuantBackend:
+    if name == "torchao":
+        return TorchaoPT2E()
+    if name == "coremltools":
+        return CoreMLLinearQuantizer(coreml_scheme, coreml_observer)
+    raise ValueError(f"unknown fake-quantization backend {name!r}: torchao, coremltools")

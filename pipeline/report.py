@@ -131,6 +131,29 @@ def _qat(facts: dict) -> dict:
         for backend, t in facts["trained"].items()}}
 
 
+def _counts(d: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def execution_line(fmt: str, e: dict) -> tuple[str, bool]:
+    """(how the artifact executes, in a sentence; whether it stays on its runtime's fast path)."""
+    if "xnnpack_partitions" in e:
+        n, outside = e["xnnpack_partitions"], e["ops_outside_xnnpack"]
+        if e["fast_path"]:
+            return f"{e['runtime']}: 1 partition, every op inside XNNPACK.", True
+        return (f"{e['runtime']}: **{n} partitions**; left to TFLite's built-in kernels between them: "
+                f"{_counts(outside) or 'none'}.", False)
+    if "float_between_dq_q" in e:
+        floats = e["float_between_dq_q"]
+        return (f"{e['runtime']}: integer kernels {_counts(e['integer_ops'])}; in float between "
+                f"DequantizeLinear and QuantizeLinear: {_counts(floats) or 'nothing'}"
+                f"{' (onnxruntime has no integer kernel for these)' if floats else ''}.", True)
+    if "fp16_ops" in e:
+        return (f"{e['runtime']}: int8 inputs {_counts(e['int8_input_ops'])}; stays fp16 "
+                f"(no quantize/dequantize around it): {_counts(e['fp16_ops']) or 'nothing'}.", True)
+    return "-", True
+
+
 def markdown(r: dict) -> str:
     title = f"# RepViT-{r['variant'].upper()} · {r['quant']}\n"
     lines = [title]
@@ -157,8 +180,13 @@ def markdown(r: dict) -> str:
                          f"on {t['device']} x {t['world_size']} process(es); top-1 agreement of the "
                          f"fake-quantized model with float on {t['holdout_images']} held-out images "
                          f"{_pct(t['holdout_agreement_before'])}% before -> "
-                         f"{_pct(t['holdout_agreement_after'])}% after (simulated in PyTorch).")
+                         f"{_pct(t['holdout_agreement_after'])}% after, mean KL(float || student) "
+                         f"{t['holdout_kl_before']:.5f} -> {t['holdout_kl_after']:.5f} (simulated in PyTorch).")
         lines.append("")
+    off = [a["format"] for a in r["artifacts"]
+           if a["export"].get("execution") and not execution_line(a["format"], a["export"]["execution"])[1]]
+    if off:
+        lines.append(f"> **Off the fast path: {', '.join(off)}** (see How each artifact executes).\n")
     lines += ["## Artifacts", "",
               "| format | file | size MB | top-1 % | top-5 % | top-1 agreement % | cosine | SQNR dB | "
               "host ms, 1 thread | host ms, all threads | iPhone ms | how |",
@@ -195,11 +223,16 @@ def markdown(r: dict) -> str:
         aa = a["export"].get("accuracy_aware")
         if aa and aa["checked"]:
             kept = ", ".join(f"`{l}`" for l in aa["float_layers"]) or "none"
+            lat = aa.get("latency_vs_all_int8")
+            cost = ("" if not lat else
+                    f"; host latency {lat['shipped_ms']:.2f} ms shipped vs {lat['all_int8_ms']:.2f} ms "
+                    f"all-int8 ({lat['ratio']:.2f}x; {lat['method']}: {lat['details']})"
+                    if lat["method"] == "measured" else f"; latency cost not measured ({lat['details']})")
             lines.append(f"- Accuracy-aware pass, {a['format']}: drop {aa['drop_before']:.2f} -> "
                          f"{aa['drop_after']:.2f} ± {aa['standard_error']:.2f} {aa['unit']} (1 s.e.) on "
                          f"{aa.get('source') or str(aa['images']) + ' held-out images'} "
                          f"({'met' if aa['met'] else '**missed**'}); layers kept in float: {kept}"
-                         f"{'; stopped: ' + aa['stopped'] if aa.get('stopped') else ''}.")
+                         f"{'; stopped: ' + aa['stopped'] if aa.get('stopped') else ''}{cost}.")
         elif aa:
             lines.append(f"- Accuracy-aware pass, {a['format']}: not run ({aa['reason']}).")
     if missed:
@@ -209,6 +242,11 @@ def markdown(r: dict) -> str:
     lines.append("")
     if r["skipped"]:
         lines += ["## Not produced", ""] + [f"- {s['format']}: {s['reason']}" for s in r["skipped"]] + [""]
+    executes = [(a["format"], a["export"]["execution"]) for a in r["artifacts"] if a["export"].get("execution")]
+    if executes:
+        lines += ["## How each artifact executes", ""]
+        lines += [f"- **{fmt}**: {execution_line(fmt, e)[0]} ({e['how']})" for fmt, e in executes]
+        lines.append("")
     lines += ["## Export checks", ""]
     for a in r["artifacts"]:
         e = a["export"]

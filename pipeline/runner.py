@@ -179,6 +179,14 @@ def run_stage(stage: Stage, config: Any, others: dict[str, Any], inputs: dict[st
     return StageRecord(stage.name, key, False, seconds, final, facts)
 
 
+def _section(sections: dict[str, Any], dotted: str) -> Any:
+    top, *rest = dotted.split(".")
+    value = sections[top]
+    for name in rest:
+        value = getattr(value, name)
+    return value
+
+
 def run_stages(stages: list[Stage], sections: dict[str, Any], cache: Cache,
                force: set[str] = frozenset(), log: Callable[[str], None] = print) -> dict[str, StageRecord]:
     records: dict[str, StageRecord] = {}
@@ -191,7 +199,8 @@ def run_stages(stages: list[Stage], sections: dict[str, Any], cache: Cache,
         if missing:
             raise ValueError(f"stage {stage.name!r} needs {', '.join(missing)} to run before it")
         inputs = {n: records[n] for n in (*stage.needs, *stage.uses) if n in records}
-        others = {s: sections[s] for s in stage.sections}
+        # A section may be a sub-block ("export.coreml"): passed as its last name.
+        others = {s.rsplit(".", 1)[-1]: _section(sections, s) for s in stage.sections}
         records[stage.name] = run_stage(stage, sections[stage.name], others, inputs, cache,
                                         force=stage.name in force, log=log,
                                         position=f"[{i}/{len(stages)}] ")

@@ -66,6 +66,9 @@ class Job:
     mean: list
     std: list
     schedule: Schedule
+    # coremltools backend: the activation scheme and observer of Core ML's int8 export
+    coreml_scheme: str = "symmetric"
+    coreml_observer: str = "moving_average_min_max"
 
     def save(self, folder: Path) -> None:
         (folder / JOB).write_text(json.dumps(asdict(self), indent=1))
@@ -173,7 +176,7 @@ def train(folder: Path, on_step: Optional[Callable[[int], None]] = None) -> dict
     pixels = np.load(job.pixels)
     labels = np.load(job.labels) if job.labels else None
     holdout = np.load(job.holdout_pixels)
-    backend = get_backend(job.backend)
+    backend = get_backend(job.backend, coreml_scheme=job.coreml_scheme, coreml_observer=job.coreml_observer)
     # Prepared on the CPU (graph capture), then both models move to the device.
     student = backend.prepare(teacher.eval(), _normalize(pixels[:2], job.mean, job.std, "cpu")).to(device)
     teacher.to(device)

@@ -5,7 +5,7 @@ from pipeline import checkpoints as ck
 from pipeline.models import create_model, reparameterize
 from pipeline.variants import VARIANTS
 
-from .conftest import randomize_bn
+from pipeline.models import randomize_bn
 
 
 def official_file(tmp_path, name="m0.6", num_classes=10, distillation=True, seed=0, **extra):

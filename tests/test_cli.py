@@ -7,15 +7,18 @@ from pipeline.checkpoints import load_model
 from pipeline.cli import main
 from pipeline.models import create_model
 
-from .conftest import randomize_bn
+from pipeline.models import randomize_bn
 
 
 def test_variants_prints_counted_and_published():
     result = CliRunner().invoke(main, ["variants", "--json"])
     assert result.exit_code == 0, result.output
     rows = {r["variant"]: r for r in json.loads(result.output)}
-    assert set(rows) == {"m0.6", "m0.9", "m1.0", "m1.1", "m1.5", "m2.3"}
+    assert set(rows) == {"m0.6", "m0.9", "m1.0", "m1.1", "m1.5", "m2.3", "m1", "m2", "m3"}
     assert rows["m0.9"]["params_m"] == 5.07 and rows["m0.9"]["published_params_m"] == 5.1
+    assert {n for n, r in rows.items() if r["legacy"]} == {"m1", "m2", "m3"}
+    assert rows["m3"]["params_m"] == 10.12 and rows["m3"]["published_top1"] == 81.4
+    assert rows["m3"]["hub"] == "hf-hub:timm/repvit_m3.dist_in1k"
 
 
 def test_reparam_writes_a_verified_fused_checkpoint(tmp_path):

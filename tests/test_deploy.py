@@ -12,7 +12,7 @@ import torch
 from pipeline.data import sample_images
 from pipeline.models import create_model
 
-from .conftest import randomize_bn
+from pipeline.models import randomize_bn
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [f"class{i}" for i in range(4)]
@@ -173,3 +173,41 @@ def test_compare_puts_schemes_side_by_side(tiny, tmp_path):
     assert "| fp16 | onnx |" in md and "drop, points (± 1 s.e.)" in md
     assert (folder / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "data:image/png;base64," in (folder / "compare.html").read_text()
+
+
+def test_official_weights_offline_online_offline(tmp_path, monkeypatch):
+    """The load stage's cache key covers the weights actually used: an untrained fallback
+    (no network) is cached under its own key, so the first run that can download the
+    weights uses them; offline again, the downloaded file is used from its cache."""
+    from pipeline.download import WeightsUnavailable
+    from pipeline.runner import Cache, run_stages
+    from pipeline.stages import STAGES, load
+
+    ckpt = tmp_path / "repvit_m0_6_distill_300e.pth"
+    torch.save({"model": randomize_bn(create_model("m0.6", seed=5), seed=5).state_dict()}, ckpt)
+    network = {"up": False, "fetched": False}
+
+    def fetch(variant, **kw):
+        if network["up"] or network["fetched"]:   # downloaded once, then served from the cache
+            network["fetched"] = True
+            return ckpt, "ab" * 32
+        raise WeightsUnavailable("no network (test)")
+    monkeypatch.setattr(load, "fetch_official", fetch)
+    cache = Cache(tmp_path / "cache")
+    sections = {"load": load.LoadConfig(variant="m0.6", checkpoint="official")}
+
+    def run():
+        (record,) = run_stages([STAGES["load"]], sections, cache, log=lambda m: None).values()
+        return record
+
+    offline = run()
+    assert offline.facts["weights"]["trained"] is False and "no network" in offline.facts["weights"]["reason"]
+    assert run().cache_hit   # still offline: the fallback is reused, and says so
+    network["up"] = True
+    online = run()
+    assert not online.cache_hit and online.key != offline.key
+    assert online.facts["weights"] == {"source": f"official:{load.get_variant('m0.6').weights.url}",
+                                       "sha256": "ab" * 32, "trained": True, "reason": ""}
+    network["up"] = False
+    again = run()
+    assert again.cache_hit and again.key == online.key and again.facts["weights"]["trained"] is True

@@ -101,5 +101,9 @@ def test_cache_dir_respects_xdg(monkeypatch, tmp_path):
 
 def test_every_variant_has_a_release_url():
     for v in VARIANTS.values():
-        assert v.weights.url.startswith("https://github.com/THU-MIG/RepViT/releases/download/v1.0/")
-        assert v.weights.url.endswith("_distill_300e.pth")
+        if v.legacy:   # the first version's files, released under the repository's earlier name
+            assert v.weights.url.startswith("https://github.com/jameslahm/RepViT/releases/download/v1.0/")
+            assert v.weights.url.endswith("_distill_300.pth")
+        else:
+            assert v.weights.url.startswith("https://github.com/THU-MIG/RepViT/releases/download/v1.0/")
+            assert v.weights.url.endswith("_distill_300e.pth")

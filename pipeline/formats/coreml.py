@@ -154,6 +154,8 @@ class CoreMLExporter(SchemeSupport):
                 "simulated: MIL program read back and interpreted in PyTorch at its declared "
                 f"precision ({precision}), vs PyTorch float32 probabilities",
                 cfg.tolerance if precision == "fp32" and ctx.scheme == "fp32" else None)
+        if ctx.int8:
+            facts["execution"] = execution(ctx.out_path)
         facts["host"] = platform.system()
         return ExportResult(ctx.out_path, facts)
 
@@ -209,6 +211,36 @@ def compress_weights(ml, scheme: str, cfg: CoreMLConfig):
             how = "one palette per tensor (iOS17; iOS18 allows grouped palettes)"
         out = cto.palettize_weights(ml, cto.OptimizationConfig(global_config=op))
         return out, f"{nbits}-bit k-means palettized weights, {how}"
+
+
+# Ops that move or relabel data, or only exist in the converter's bookkeeping.
+_NOT_COMPUTE = ("const", "quantize", "dequantize", "cast", "classify")
+
+
+def execution(path: Path) -> dict:
+    """Which compute ops of a W8A8 program take int8 inputs (a ``dequantize`` feeds them,
+    so the Neural Engine can run them on int8 data) and which stay fp16, read from the MIL
+    program. coremltools' post-training W8A8 puts no quantize/dequantize around GELU,
+    ReLU or sigmoid. The image input's own scale and bias are left out of the count."""
+    from ..runtimes.mil import MilInterpreter
+
+    interp = MilInterpreter(path)
+    producer = {v.name: op for op in interp.ops for v in op.outputs}
+    image = {interp.input_name}   # the input and what its scale / bias compute from it
+    int8_fed, fp16 = {}, {}
+    for op in interp.ops:
+        if op.op_type in _NOT_COMPUTE or op.op_type.startswith("constexpr_"):
+            continue
+        names = [v.name for v in op.inputs.values() if hasattr(v, "name")]
+        sources = [producer.get(n) for n in names]
+        if any(n in image for n in names) and all(n in image or n in interp.consts for n in names):
+            image.update(v.name for v in op.outputs)
+            continue
+        into = int8_fed if any(p is not None and p.op_type == "dequantize" for p in sources) else fp16
+        into[op.op_type] = into.get(op.op_type, 0) + 1
+    return {"runtime": "Core ML ML program (read back; Neural Engine speed cannot be measured here)",
+            "int8_input_ops": int8_fed, "fp16_ops": fp16,
+            "how": "read from the saved MIL program (not executed)"}
 
 
 def check_package(path: Path, fused: nn.Module, ctx: ExportContext, precision: str,

@@ -7,7 +7,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -20,6 +20,13 @@ from . import (ExportContext, ExportError, ExportResult, SchemeSupport, check_pa
 @dataclass
 class TFLiteConfig:
     tolerance: float = 1e-4     # fp32 parity gate, relative to max |logit|
+    # int8: LiteRT's XNNPACK delegate has no int8 GELU kernel, so an int8 GELU runs on
+    # TFLite's built-in kernel between two delegate partitions (RepViT-M0.9: 28 partitions).
+    # "float" keeps GELU in float32 inside the int8 graph: DEQUANTIZE -> GELU -> QUANTIZE,
+    # which XNNPACK runs, so the whole model is one partition. The GELU output is quantized
+    # with the same calibrated range either way. bench/bench_latency.py (m0.9, 224 px):
+    # int8/fp32 0.35 (1 thread) and 0.36 (2 threads) with float GELU; 0.39 / 0.48 with int8.
+    gelu: Literal["float", "int8"] = "float"
 
 
 def interpreter(path: Path, threads: int = 1):
@@ -57,6 +64,37 @@ def run_tflite(path: Path, x_nchw: np.ndarray, threads: int = 1) -> np.ndarray:
         it.invoke()
         outs.append(from_output(it.get_tensor(out["index"]), out))
     return np.concatenate(outs)
+
+
+def execution(path: Path) -> dict:
+    """How LiteRT runs the model, read from the interpreter after it applied its default
+    XNNPACK delegate: the number of delegate partitions and the ops left to TFLite's
+    built-in kernels. An op ran outside when its outputs are allocated by the interpreter
+    but are not a partition's outputs (tensors inside a partition get no buffer)."""
+    import importlib.metadata
+
+    it = interpreter(path)
+    ops = it._get_ops_details()
+    partitions = [o for o in ops if o["op_name"] == "DELEGATE"]
+    partition_outputs = {int(t) for o in partitions for t in o["outputs"]}
+
+    def allocated(t: int) -> bool:
+        try:
+            it.get_tensor(t)
+            return True
+        except ValueError:  # "Tensor data is null": a partition's internal tensor
+            return False
+
+    outside: dict[str, int] = {}
+    for o in ops:
+        outs = [int(t) for t in o["outputs"] if t >= 0]
+        if (o["op_name"] != "DELEGATE" and outs and all(allocated(t) for t in outs)
+                and not set(outs) <= partition_outputs):
+            outside[o["op_name"]] = outside.get(o["op_name"], 0) + 1
+    return {"runtime": f"LiteRT {importlib.metadata.version('ai-edge-litert')} (XNNPACK delegate)",
+            "xnnpack_partitions": len(partitions), "ops_outside_xnnpack": outside,
+            "fast_path": len(partitions) == 1 and not outside,
+            "how": "read from the LiteRT interpreter after delegation"}
 
 
 def op_counts(path: Path) -> dict[str, int]:
@@ -147,7 +185,8 @@ class TFLiteExporter(SchemeSupport):
             self._fp16(float_path, path)
         elif ctx.int8:
             keep = float_layer_patterns(model, ctx.float_layers, float_path)
-            self._int8(float_path, path, normalized(ctx.calibration, ctx.meta).transpose(0, 2, 3, 1), keep)
+            self._int8(float_path, path, normalized(ctx.calibration, ctx.meta).transpose(0, 2, 3, 1), keep,
+                       float_gelu=cfg.gelu == "float")
         elif ctx.scheme == "w8":
             self._dynamic_range(float_path, path)
         else:
@@ -163,7 +202,9 @@ class TFLiteExporter(SchemeSupport):
             layout = (f"NHWC int8 = round(((pixel/255 - mean) / std) / {d['quantization'][0]:.6g}) "
                       f"+ {d['quantization'][1]} (full-integer model; output int8, dequantize "
                       "with its own scale / zero point)")
-        facts = {"input_layout": layout, "weights": weights, "ops": op_counts(path),
+        if ctx.int8 and cfg.gelu == "float":
+            weights += "; GELU computed in float32 inside the int8 graph (XNNPACK has no int8 GELU)"
+        facts = {"input_layout": layout, "weights": weights, "ops": op_counts(path), "execution": execution(path),
                  "metadata": {**model_metadata(ctx, layout), "labels": "labels.txt beside the model"}}
         if ctx.check_inputs is not None:
             x = normalized(ctx.check_inputs, ctx.meta)
@@ -174,17 +215,19 @@ class TFLiteExporter(SchemeSupport):
         return ExportResult(path, facts)
 
     @staticmethod
-    def _int8(src: Path, dst: Path, calibration_nhwc: np.ndarray, keep_float: list[str]) -> None:
+    def _int8(src: Path, dst: Path, calibration_nhwc: np.ndarray, keep_float: list[str],
+              float_gelu: bool = True) -> None:
         """Static full-integer int8 (ai-edge-quantizer): int8 weights per channel, int8
         activations from ai-edge-quantizer's default statistics (each image's min/max, one
         image at a time, folded in as a moving average with factor 0.95, which clips rare
         extremes; a global min/max measured no better on the reference, see README); ops
         whose scope matches a
-        ``keep_float`` pattern stay float (the accuracy-aware pass)."""
+        ``keep_float`` pattern stay float (the accuracy-aware pass); with ``float_gelu``,
+        every GELU too (see ``TFLiteConfig.gelu``)."""
         try:
             with quiet():
                 _int8_calibrate_and_quantize(src, dst, np.ascontiguousarray(calibration_nhwc, np.float32),
-                                             keep_float)
+                                             keep_float, float_gelu)
         except Exception as e:
             raise ExportError(f"TFLite int8 quantization failed: {type(e).__name__}: {e}") from e
         if keep_float:
@@ -214,15 +257,16 @@ class TFLiteExporter(SchemeSupport):
 
 
 def _int8_calibrate_and_quantize(src: Path, dst: Path, calibration_nhwc: np.ndarray,
-                                 keep_float: list[str] = ()) -> None:
+                                 keep_float: list[str] = (), float_gelu: bool = True) -> None:
     from ai_edge_quantizer import quantizer, recipe
 
     it = interpreter(src)
     (signature, spec), = it.get_signature_list().items()
     name = spec["inputs"][0]
     # Later entries win where scopes overlap.
-    steps = recipe.static_wi8_ai8() + [{"regex": p, "operation": "*", "algorithm_key": "no_quantize"}
-                                       for p in keep_float]
+    steps = (recipe.static_wi8_ai8()
+             + [{"regex": ".*", "operation": "GELU", "algorithm_key": "no_quantize"}] * float_gelu
+             + [{"regex": p, "operation": "*", "algorithm_key": "no_quantize"} for p in keep_float])
     q = quantizer.Quantizer(str(src), steps)
     data = {signature: [{name: calibration_nhwc[i:i + 1]} for i in range(len(calibration_nhwc))]}
     result = q.quantize(q.calibrate(data, num_threads=os.cpu_count() or 1))

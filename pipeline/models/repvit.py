@@ -98,8 +98,29 @@ class RepVGGDW(nn.Module):
         return conv_from(conv, *fold_conv_bn(w, b, self.bn))
 
 
+class LegacyRepVGGDW(nn.Module):
+    """The first paper version's (RepViT-M1/M2/M3): dw3x3_bn(x) + dw1x1_bn(x) + x, a
+    BatchNorm on each branch and none after the sum (timm's ``legacy=True``)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = ConvBN(dim, dim, 3, 1, 1, groups=dim)
+        self.conv1 = ConvBN(dim, dim, 1, 1, 0, groups=dim)
+        self.dim = dim
+
+    def forward(self, x):
+        return self.conv(x) + self.conv1(x) + x
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        conv, conv1 = self.conv.fuse(), self.conv1.fuse()
+        w = conv.weight + F.pad(conv1.weight, [1, 1, 1, 1])
+        w = w + F.pad(torch.ones_like(conv1.weight), [1, 1, 1, 1])
+        return conv_from(conv, w, conv.bias + conv1.bias)
+
+
 class RepViTBlock(nn.Module):
-    def __init__(self, inp: int, oup: int, stride: int, use_se: bool):
+    def __init__(self, inp: int, oup: int, stride: int, use_se: bool, legacy: bool = False):
         super().__init__()
         hidden = 2 * oup
         if stride == 2:
@@ -111,7 +132,7 @@ class RepViTBlock(nn.Module):
         else:
             assert inp == oup, "a stride-1 RepViT block keeps its width"
             self.token_mixer = nn.Sequential(
-                RepVGGDW(inp),
+                LegacyRepVGGDW(inp) if legacy else RepVGGDW(inp),
                 SqueezeExcite(inp) if use_se else nn.Identity(),
             )
         self.channel_mixer = Residual(nn.Sequential(
@@ -182,7 +203,8 @@ class RepViT(nn.Module):
         self.num_classes = num_classes
         c0 = self.variant.embed_dim[0]
         stem = nn.Sequential(ConvBN(3, c0 // 2, 3, 2, 1), nn.GELU(), ConvBN(c0 // 2, c0, 3, 2, 1))
-        blocks = [RepViTBlock(b.inp, b.oup, b.stride, b.use_se) for b in block_specs(self.variant)]
+        blocks = [RepViTBlock(b.inp, b.oup, b.stride, b.use_se, self.variant.legacy)
+                  for b in block_specs(self.variant)]
         self.features = nn.ModuleList([stem, *blocks])
         self.classifier = Classifier(self.variant.embed_dim[-1], num_classes, distillation)
 

@@ -24,7 +24,8 @@ STAGES = {s.name: s for s in [
     Stage("reparam", reparam.run, needs=("load",),
           code=("pipeline.stages.reparam", "pipeline.models.profile", *MODEL_CODE, *DATA_CODE),
           libraries=("torch", "scikit-image", "pillow")),
-    Stage("qat", qat.run, needs=("reparam",), sections=("data",), fingerprint=qat.fingerprint,
+    # Core ML's QAT trains under the activation scheme its int8 export calibrates with.
+    Stage("qat", qat.run, needs=("reparam",), sections=("data", "export.coreml"), fingerprint=qat.fingerprint,
           resumable=True,
           code=("pipeline.stages.qat", "pipeline.training", "pipeline.fakequant", *MODEL_CODE, *DATA_CODE),
           libraries=("torch", "torchao", "coremltools", "pillow")),

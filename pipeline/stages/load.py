@@ -9,7 +9,9 @@ from typing import Optional
 
 from ..checkpoints import build_model, parse, read_file, save_pipeline_checkpoint
 from ..data import imagenet_classes
-from ..download import WeightsUnavailable, fetch_official, sha256_file
+from ..download import (HUB_PREFIX, WeightsUnavailable, fetch_hub, fetch_official, hub_meta, parse_hub_spec,
+                        sha256_file)
+from ..models.init import randomize_bn
 from ..models.repvit import create_model
 from ..variants import get_variant
 
@@ -17,7 +19,7 @@ from ..variants import get_variant
 @dataclass
 class LoadConfig:
     variant: str = "m0.9"
-    checkpoint: str = "official"   # official | random | a file path
+    checkpoint: str = "official"   # official | random | hf-hub:<repo>[@revision] | a file path
     seed: int = 0                  # for checkpoint=random
     num_classes: int = 1000        # for checkpoint=random
     # Overrides; unset values come from the checkpoint, then the variant table.
@@ -27,6 +29,11 @@ class LoadConfig:
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
     labels: Optional[str] = None   # a text file, one class name per line
+
+    def validate(self):
+        get_variant(self.variant)
+        if self.checkpoint.startswith(HUB_PREFIX):
+            parse_hub_spec(self.checkpoint)
 
 
 @dataclass
@@ -45,28 +52,53 @@ class LoadResult:
 
 
 def fingerprint(cfg: LoadConfig) -> dict:
-    """What the cache key must see beyond the config: the checkpoint's bytes."""
+    """What the cache key must see beyond the config: the checkpoint's bytes. For official
+    weights, the verified file's sha256 (downloading it now if needed), or that they were
+    unavailable: an untrained fallback is cached under its own key, never under the real
+    weights', so the first run that can get them uses them."""
     fp = {}
-    if cfg.checkpoint not in ("official", "random"):
+    if cfg.checkpoint == "official":
+        fp["official_sha256"] = _official(cfg.variant)[1]
+    elif cfg.checkpoint.startswith(HUB_PREFIX):
+        hub = fetch_hub(cfg.checkpoint)
+        fp["hub_sha256"] = hub.sha256
+        fp["hub_config"] = hub.config
+    elif cfg.checkpoint != "random":
         fp["checkpoint_sha256"] = sha256_file(Path(cfg.checkpoint))
     if cfg.labels:
         fp["labels_sha256"] = sha256_file(Path(cfg.labels))
     return fp
 
 
+def _official(variant_name: str) -> tuple[Optional[Path], str]:
+    """(path, sha256) of the verified official weights, or (None, "unavailable: <why>")."""
+    try:
+        path, digest = fetch_official(get_variant(variant_name))
+        return path, digest
+    except WeightsUnavailable as e:
+        return None, f"unavailable: {e}"
+
+
 def _resolve_weights(cfg: LoadConfig):
     """(Checkpoint or None, Weights facts)."""
     variant = get_variant(cfg.variant)
     if cfg.checkpoint == "random":
-        return None, Weights("random", None, False, "CKPT=random asked for seeded untrained weights")
+        return None, Weights("random", None, False, "CKPT=random asked for seeded untrained weights (BatchNorm statistics randomized: speed is representative, accuracy is not)")
     if cfg.checkpoint == "official":
-        try:
-            path, digest = fetch_official(variant)
-        except WeightsUnavailable as e:
-            print(f"WARNING: {e}\nWARNING: continuing on seeded UNTRAINED weights: accuracy "
+        path, digest = _official(cfg.variant)
+        if path is None:
+            reason = digest.removeprefix("unavailable: ")
+            print(f"WARNING: {reason}\nWARNING: continuing on seeded UNTRAINED weights: accuracy "
                   "figures will be meaningless.", file=sys.stderr)
-            return None, Weights("random", None, False, f"official weights unavailable: {e}")
+            return None, Weights("random", None, False, f"official weights unavailable: {reason}")
         return parse(read_file(path), str(path)), Weights(f"official:{variant.weights.url}", digest, True)
+    if cfg.checkpoint.startswith(HUB_PREFIX):
+        # Asked for by name: unavailable is an error (with what to do), never a fallback.
+        hub = fetch_hub(cfg.checkpoint)
+        ckpt = parse(read_file(hub.path), cfg.checkpoint)
+        meta = hub_meta(hub.config)
+        ckpt.meta = {**{k: v for k, v in meta.items() if k != "architecture"}, **ckpt.meta}
+        return ckpt, Weights(f"{HUB_PREFIX}{hub.repo}@{hub.revision}/{hub.path.name}", hub.sha256, True)
     path = Path(cfg.checkpoint)
     return parse(read_file(path), str(path)), Weights(str(path), sha256_file(path), True)
 
@@ -75,7 +107,8 @@ def load(cfg: LoadConfig, out_dir: Path) -> LoadResult:
     variant = get_variant(cfg.variant)
     ckpt, weights = _resolve_weights(cfg)
     if ckpt is None:
-        model = create_model(variant, cfg.num_classes, distillation=True, seed=cfg.seed)
+        # Every layer active (see models/init.py): speed and int8 behave as with trained weights.
+        model = randomize_bn(create_model(variant, cfg.num_classes, distillation=True, seed=cfg.seed), cfg.seed)
         file_meta = {}
     else:
         model = build_model(ckpt, variant, source=weights.source)

@@ -24,6 +24,7 @@ import torch
 from ..checkpoints import load_model, save_pipeline_checkpoint
 from ..data import DataConfig, fingerprint_folder, resolve_sets, training_pixels
 from ..fakequant import BACKEND_OF_FORMAT
+from ..formats.coreml import CoreMLConfig
 from ..progress import Progress
 from ..training import RESULT, Job, Schedule, train
 from .reparam import preprocess_of
@@ -39,12 +40,18 @@ class QatConfig:
     train_images: int = 2048        # from CALIB (the training split), never the scored DATA
     steps: int = 300
     batch_size: int = 32            # global: split over the processes under torchrun
-    lr: float = 5.0e-5              # AdamW; linear warm-up then cosine to zero
+    # AdamW; linear warm-up then cosine to zero. Measured on a GPU (torchao, reference,
+    # 1,024 images, 300 steps, distillation only; held-out agreement with float from 97.66%):
+    # 1e-5 -> 97.66%, 5e-5 -> 98.05%, 2e-4 -> 94.92%.
+    lr: float = 5.0e-5
     weight_decay: float = 0.0
     warmup_steps: int = 20
     freeze_observers_step: int = 200   # ranges fixed for the last steps, as deployed
     temperature: float = 1.0        # distillation from the float model's logits
-    ce_weight: float = 0.5          # cross-entropy weight, where CALIB has labels
+    # Cross-entropy on CALIB's labels. 0 (distillation only): QAT's job is the float model's
+    # behaviour under quantization; 0.5 pulled held-out agreement from 97.66% to 91.02% on the
+    # reference (it keeps training the network on a few thousand images).
+    ce_weight: float = 0.0
     calibration_batches: int = 4    # observer warm-up before the first step (the PTQ start)
     checkpoint_every: int = 50
     seed: int = 0
@@ -71,7 +78,7 @@ class QatConfig:
                         checkpoint_every=self.checkpoint_every, seed=self.seed, device=self.device)
 
 
-def fingerprint(cfg: QatConfig, data: DataConfig) -> dict:
+def fingerprint(cfg: QatConfig, data: DataConfig, coreml=None) -> dict:
     return {"calib": fingerprint_folder(data.calib), "eval": fingerprint_folder(data.eval)}
 
 
@@ -95,7 +102,9 @@ def launch(job_dir: Path, nproc: int) -> None:
                            f"stays in {job_dir}: run again to resume")
 
 
-def run(cfg: QatConfig, inputs: dict, out_dir: Path, data: DataConfig, scratch: Path) -> dict:
+def run(cfg: QatConfig, inputs: dict, out_dir: Path, data: DataConfig, scratch: Path,
+        coreml: CoreMLConfig | None = None) -> dict:
+    coreml = coreml or CoreMLConfig()
     teacher_path = inputs["reparam"] / "fused.pt"
     fused, ckpt = load_model(teacher_path)
     pre = preprocess_of(ckpt.meta)
@@ -117,7 +126,9 @@ def run(cfg: QatConfig, inputs: dict, out_dir: Path, data: DataConfig, scratch: 
         Job(teacher=str(teacher_path), backend=backend, pixels=str(scratch / "pixels.npy"),
             labels=str(labels_file) if labels_file.exists() else None,
             holdout_pixels=str(scratch / "holdout.npy"), mean=list(ckpt.meta["mean"]),
-            std=list(ckpt.meta["std"]), schedule=cfg.schedule()).save(job_dir)
+            std=list(ckpt.meta["std"]), schedule=cfg.schedule(),
+            coreml_scheme=coreml.quantization_scheme, coreml_observer=coreml.activation_observer
+            ).save(job_dir)
         print(f"    QAT with {backend} fake quantization "
               f"(for {', '.join(f for f in cfg.formats if BACKEND_OF_FORMAT[f] == backend)})",
               file=sys.stderr)

@@ -13,7 +13,7 @@ from pipeline.models import create_model, reparameterize
 from pipeline.runtimes import MilRuntime
 from pipeline.variants import VARIANTS
 
-from ..conftest import randomize_bn
+from pipeline.models import randomize_bn
 
 CONFIGS = {"onnx": OnnxConfig, "tflite": TFLiteConfig, "coreml": CoreMLConfig}
 

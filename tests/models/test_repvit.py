@@ -9,7 +9,7 @@ from pipeline.models import ReparamError, create_model, profile, reparameterize
 from pipeline.models import repvit as repvit_module
 from pipeline.variants import VARIANTS
 
-from ..conftest import randomize_bn
+from pipeline.models import randomize_bn
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -62,9 +62,10 @@ def test_without_distillation_head():
     assert_fused_matches(model, natural_like_inputs())
 
 
-def test_tolerance_catches_a_one_term_mistake(monkeypatch):
+@pytest.mark.parametrize("name", ["m0.6", "m1"])   # current and legacy RepVGGDW
+def test_tolerance_catches_a_one_term_mistake(monkeypatch, name):
     """Drop the identity branch from the RepVGGDW fusion: the check must fail."""
-    model = randomize_bn(create_model("m0.6", num_classes=10, seed=3), seed=4)
+    model = randomize_bn(create_model(name, num_classes=10, seed=3), seed=4)
     original = torch.nn.functional.pad
 
     def pad_without_identity(t, pad, *a, **k):
