@@ -51,9 +51,11 @@ variants: ## The model zoo with counted and published params / MACs
 bench: ## Benchmarks under bench/ (ratios measured in one run; accuracy needs ../shared/data)
 	$(PY) bench/bench_reparam.py
 	$(PY) bench/bench_latency.py
+	$(PY) bench/bench_memory.py
 	$(PY) bench/bench_compression.py
 	$(PY) bench/bench_qat.py
 	$(PY) bench/bench_calibration.py
+	$(PY) bench/bench_mediapipe.py
 
 cache-ls: ## List cached stage outputs
 	$(PY) -m pipeline cache ls --artifacts $(ARTIFACTS)

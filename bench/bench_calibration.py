@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.shared import REFERENCE, ROOT, require_shared, unpacked  # noqa: E402
-from pipeline.deploy import RunOptions, deploy, log_stderr  # noqa: E402
+from bench.shared import reference_run, require_shared  # noqa: E402
+from pipeline.deploy import deploy, log_stderr  # noqa: E402
 
 # (format, what, recipe overrides); the shipped default is the row without overrides.
 CHOICES = [
@@ -35,18 +35,13 @@ def main():
     ap.add_argument("--formats", nargs="+", default=["coreml", "onnx"])
     args = ap.parse_args()
     require_shared()
-    cifar = unpacked("cifar10-jpg.tar.gz", "cifar10")
     common = ["validate.latency_runs=3", "validate.threads=[1]", "quantize.max_drop=null"]
-    if args.eval_images:
-        common.append(f"data.eval_images={args.eval_images}")
     rows = []
     for fmt, what, sets in CHOICES:
         if fmt not in args.formats:
             continue
-        opts = RunOptions(quant="int8", checkpoint=str(REFERENCE), data=str(cifar / "test"),
-                          calib=str(cifar / "train"), artifacts=ROOT / "artifacts" / "bench-calibration",
-                          sets=tuple(common + [f"export.formats=[{fmt}]"] + sets))
-        rep, _ = deploy(opts, log_stderr)
+        rep, _ = deploy(reference_run("int8", common + [f"export.formats=[{fmt}]"] + sets, "bench-calibration",
+                                      args.eval_images), log_stderr)
         (a,) = rep["artifacts"]
         rows.append((fmt, what, a["accuracy"]["drop_vs_float"], a["fidelity"]["top1_agreement"], a["method"]))
     ref = rep["reference"]["accuracy"]

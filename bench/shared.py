@@ -27,3 +27,14 @@ def unpacked(archive: str, inner: str) -> Path:
         with tarfile.open(require_shared() / archive) as tar:
             tar.extractall(UNPACKED, filter="data")
     return target
+
+
+def reference_run(quant: str, sets: list[str], artifacts: str, eval_images: int = 0):
+    """RunOptions for a deploy of the trained reference: CIFAR-10 train calibrates, test is
+    scored (all 10,000, or ``eval_images`` of them)."""
+    from pipeline.deploy import RunOptions
+
+    cifar = unpacked("cifar10-jpg.tar.gz", "cifar10")
+    sets = list(sets) + ([f"data.eval_images={eval_images}"] if eval_images else [])
+    return RunOptions(quant=quant, checkpoint=str(REFERENCE), data=str(cifar / "test"), calib=str(cifar / "train"),
+                      artifacts=ROOT / "artifacts" / artifacts, sets=tuple(sets))

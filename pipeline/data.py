@@ -20,6 +20,13 @@ class DataError(ValueError):
     pass
 
 
+def normalize_pixels(pixels: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 NHWC -> float32 NCHW, (pixel/255 - mean) / std."""
+    x = pixels.astype(np.float32) / 255.0
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Resize the shorter side to ``size / crop_pct``, centre-crop ``size``, then
@@ -49,9 +56,7 @@ class Preprocess:
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
         """float32 CHW, from uint8 HWC."""
-        x = pixels.astype(np.float32) / 255.0
-        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
+        return normalize_pixels(pixels[None], self.mean, self.std)[0]
 
     def __call__(self, img: Image.Image) -> np.ndarray:
         return self.normalize(self.pixels(img))

@@ -203,7 +203,7 @@ def markdown(r: dict) -> str:
             "not validated |")
     lines.append("")
     lines.append("Fidelity is against the fused float PyTorch model on the same images (logits; "
-                 "probabilities for Core ML, whose model ends in a softmax). Host latency: batch 1, "
+                 "probabilities for Core ML and TFLite, whose models end in a softmax). Host latency: batch 1, "
                  "median; the CPU is named in report.json.\n")
     notes = [l["details"] for a in r["artifacts"] for l in a["latency"] if l["method"] == "estimated"]
     if notes:

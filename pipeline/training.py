@@ -256,14 +256,23 @@ def train(folder: Path, on_step: Optional[Callable[[int], None]] = None) -> dict
              "holdout_kl_before": round(before[1], 6), "holdout_kl_after": round(after[1], 6),
              "holdout_images": int(len(holdout)), "history": history,
              "seconds_this_run": round(time.perf_counter() - began, 1)}
+    if world > 1:
+        # Every rank must end with the same weights (DDP averages the gradients of each
+        # rank's share of the batch): a desynchronised run is an error, not a result.
+        digest = torch.tensor([sum(float(p.double().sum()) for p in student.parameters())],
+                              dtype=torch.float64, device=device)
+        low, high = digest.clone(), digest.clone()
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+        if low.item() != high.item():
+            raise RuntimeError(f"DDP ranks ended with different weights (sums {low.item()!r} .. "
+                               f"{high.item()!r}): the run is not valid")
+        facts["weights_sum"] = digest.item()   # the same on every rank
     if rank == 0:
         weights = float_state(student, teacher)
         _save_atomic({"weights": weights, "facts": facts}, folder / RESULT)
         ckpt_path.unlink(missing_ok=True)
     if world > 1:
-        # Every rank's weights: equal when DDP kept them in step (checked by the tests).
-        digest = sum(float(p.double().sum()) for p in student.parameters())
-        (folder / f"rank{rank}.sum").write_text(repr(digest))
         torch.distributed.barrier()
     return facts
 

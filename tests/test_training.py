@@ -163,9 +163,7 @@ def test_ddp_with_two_cpu_processes_keeps_weights_in_step(trained, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     facts = torch.load(folder / RESULT, weights_only=True)["facts"]
     assert facts["world_size"] == 2
-    sums = [(folder / f"rank{r}.sum").read_text() for r in (0, 1)]
     # Each rank trained on its own half of every batch: only gradient averaging keeps the
-    # weights identical.
-    assert sums[0] == sums[1]
+    # weights identical, and the run checks that they are (it fails otherwise).
     before = sum(float(p.detach().double().sum()) for p in trained.fused.parameters())
-    assert float(sums[0]) != before, "the weights did not move"
+    assert facts["weights_sum"] != before, "the weights did not move"

@@ -14,6 +14,8 @@ from typing import Optional, Protocol
 import numpy as np
 import torch
 
+from ..data import normalize_pixels
+
 
 class ExportError(RuntimeError):
     pass
@@ -85,9 +87,7 @@ def model_metadata(ctx: ExportContext, input_layout: str) -> dict[str, str]:
 
 def normalized(pixels: np.ndarray, meta: dict) -> np.ndarray:
     """uint8 NHWC -> float32 NCHW, normalized as the model expects."""
-    x = pixels.astype(np.float32) / 255.0
-    x = (x - np.asarray(meta["mean"], np.float32)) / np.asarray(meta["std"], np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return normalize_pixels(pixels, meta["mean"], meta["std"])
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:

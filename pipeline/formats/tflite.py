@@ -1,20 +1,56 @@
-"""TFLite (LiteRT): litert-torch conversion with a channels-last (NHWC) input, so an
-Android app feeds its bitmap without a transpose; fp16 weights through
-ai-edge-quantizer's float-casting recipe."""
+"""TFLite (LiteRT): an image classifier an Android app (MediaPipe Tasks, Android Studio's
+model binding) uses unchanged. litert-torch converts a model that takes raw RGB pixels,
+channels last (NHWC), and ends in a softmax: the 1/255, the mean and the 1/std are inside
+it, exactly as in the Core ML export (the mean is removed before the stem's zero padding,
+1/std is folded into the stem convolution). Full-integer int8 takes **uint8** pixels, so
+an app feeds bitmap bytes with no float conversion; fp32 / fp16 take float pixel values
+0..255. TFLite Model Metadata (``tflite_metadata.py``) names the input an RGB image with its
+normalization and carries the labels. fp16 weights through ai-edge-quantizer's
+float-casting recipe."""
 from __future__ import annotations
 
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import torch
 
+from torch import nn
+
 from ..quiet import quiet
 from . import (ExportContext, ExportError, ExportResult, SchemeSupport, check_parity, model_metadata,
-               normalized, torch_logits)
+               normalized)
+from .tflite_metadata import ClassifierMetadata, embed
+
+LABELS_FILE = "labels.txt"
+
+
+class TFLiteClassifier(nn.Module):
+    """The fused model behind its input normalization and a softmax. Input: raw RGB pixel
+    values 0..255 (NCHW here; NHWC after ``to_channel_last_io``); with ``scaled_input``,
+    pixel / 255 (the int8 model: the 1/255 becomes the scale of its uint8 input, one op less)."""
+
+    def __init__(self, fused: nn.Module, mean: list[float], std: list[float], scaled_input: bool = False):
+        super().__init__()
+        from .coreml import CoreMLClassifier
+
+        self.model = CoreMLClassifier(fused, std).model   # 1/std folded into the stem
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1))
+        self.scaled_input = scaled_input
+
+    def forward(self, x):
+        if not self.scaled_input:
+            x = x * (1.0 / 255.0)
+        return torch.softmax(self.model(x - self.mean), dim=1)
+
+
+def classifier_probabilities(fused: nn.Module, pixels: np.ndarray, meta: dict) -> np.ndarray:
+    """What the .tflite computes, in PyTorch float32, for uint8 NHWC ``pixels``."""
+    with torch.no_grad():
+        return torch.softmax(fused.eval()(torch.from_numpy(normalized(pixels, meta))), 1).numpy()
 
 
 @dataclass
@@ -38,14 +74,19 @@ def interpreter(path: Path, threads: int = 1):
     return it
 
 
-def to_input(x: np.ndarray, detail: dict) -> np.ndarray:
-    """Float input -> what the tensor holds (quantized with its own scale / zero point
-    for a full-integer model)."""
+def to_input(pixels: np.ndarray, detail: dict) -> np.ndarray:
+    """uint8 NHWC pixels -> what the input tensor holds: the bytes themselves (uint8,
+    full-integer models) or their values as float32."""
+    if detail["dtype"] == np.uint8:   # the bytes as they are; the scale (1/255) is the model's
+        scale, zero = detail["quantization"]
+        if zero != 0 or abs(scale * 255 - 1) > 1e-6:
+            raise ExportError(f"uint8 input with scale {scale} and zero point {zero}: expected pixel bytes "
+                              "(scale 1/255, zero point 0)")
+        return np.ascontiguousarray(pixels, np.uint8)
     if detail["dtype"] == np.float32:
-        return np.ascontiguousarray(x, np.float32)
-    scale, zero = detail["quantization"]
-    info = np.iinfo(detail["dtype"])
-    return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(detail["dtype"])
+        return np.ascontiguousarray(pixels, np.float32)
+    raise ExportError(f"input tensor of type {detail['dtype']}: this pipeline writes uint8 or float32 "
+                      "pixel inputs (re-export the artifact)")
 
 
 def from_output(y: np.ndarray, detail: dict) -> np.ndarray:
@@ -55,12 +96,17 @@ def from_output(y: np.ndarray, detail: dict) -> np.ndarray:
     return (y.astype(np.float32) - zero) * scale
 
 
-def run_tflite(path: Path, x_nchw: np.ndarray, threads: int = 1) -> np.ndarray:
-    it = interpreter(path, threads)
+def run_tflite(path: Path, pixels: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Class probabilities for uint8 NHWC ``pixels`` (one image at a time, as an app runs it)."""
+    return predict(interpreter(path, threads), pixels)
+
+
+def predict(it, pixels: np.ndarray) -> np.ndarray:
+    """``run_tflite`` on an open interpreter."""
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
     outs = []
-    for i in range(len(x_nchw)):
-        it.set_tensor(inp["index"], to_input(x_nchw[i:i + 1].transpose(0, 2, 3, 1), inp))
+    for i in range(len(pixels)):
+        it.set_tensor(inp["index"], to_input(pixels[i:i + 1], inp))
         it.invoke()
         outs.append(from_output(it.get_tensor(out["index"]), out))
     return np.concatenate(outs)
@@ -113,8 +159,8 @@ def op_counts(path: Path) -> dict[str, int]:
 
 def layer_scope(model: torch.nn.Module, layer: str) -> list[str]:
     """The module path of ``layer`` as litert-torch writes it into tensor names: one
-    ``<module.Class>_<attribute>`` per level (it leaves the model's top-level ``features``
-    container out; the caller tries both)."""
+    ``<module.Class>_<attribute>`` per level (it leaves the ``features`` ModuleList out;
+    the caller tries the variants)."""
     out, module = [], model
     for attr in layer.split("."):
         module = getattr(module, attr)
@@ -147,7 +193,9 @@ def float_layer_patterns(model: torch.nn.Module, layers: tuple[str, ...], float_
     for layer in layers:
         parts = layer_scope(model, layer)
         matches = []
-        for candidate in ("/".join(parts), "/".join(parts[1:])):
+        # litert-torch leaves a ModuleList level (RepViT's ``features``) out of the path.
+        no_list = [p for p in parts if ".ModuleList_" not in p]
+        for candidate in ("/".join(parts), "/".join(parts[1:]), "/".join(no_list)):
             named = lambda names: any(re.search(re.escape("/" + candidate) + "(;|$)", n) for n in names)
             # By its output; else by its weights (inputs after the activation).
             matches = ([o for o in ops if candidate and named(o[2])] or
@@ -173,7 +221,8 @@ class TFLiteExporter(SchemeSupport):
 
         size = ctx.meta["input_size"]
         path = ctx.out_path
-        nhwc = litert_torch.to_channel_last_io(model.eval(), args=[0]).eval()
+        wrapped = TFLiteClassifier(model, ctx.meta["mean"], ctx.meta["std"], scaled_input=ctx.int8).eval()
+        nhwc = litert_torch.to_channel_last_io(wrapped, args=[0]).eval()
         try:
             with quiet():
                 edge = litert_torch.convert(nhwc, (torch.zeros(1, size, size, 3),))
@@ -184,34 +233,51 @@ class TFLiteExporter(SchemeSupport):
         if ctx.scheme == "fp16":
             self._fp16(float_path, path)
         elif ctx.int8:
-            keep = float_layer_patterns(model, ctx.float_layers, float_path)
-            self._int8(float_path, path, normalized(ctx.calibration, ctx.meta).transpose(0, 2, 3, 1), keep,
+            keep = float_layer_patterns(wrapped, tuple(f"model.{l}" for l in ctx.float_layers), float_path)
+            self._int8(float_path, path, ctx.calibration.astype(np.float32) / 255.0, keep,
                        float_gelu=cfg.gelu == "float")
         elif ctx.scheme == "w8":
             self._dynamic_range(float_path, path)
         else:
             os.replace(float_path, path)
         float_path.unlink(missing_ok=True)
-        layout = "NHWC float32, RGB, (pixel/255 - mean) / std"
+        layout = "NHWC float32 RGB pixel values 0..255 (normalization inside the model)"
         weights = {"fp16": "float16", "int8": "int8 per channel",
                    "qat-int8": "int8 per channel, fine-tuned by quantization-aware training",
                    "w8": "int8 per channel, dynamic-range (activations quantized at run time)"
                    }.get(ctx.scheme, "float32")
         if ctx.int8:
-            d = interpreter(path).get_input_details()[0]
-            layout = (f"NHWC int8 = round(((pixel/255 - mean) / std) / {d['quantization'][0]:.6g}) "
-                      f"+ {d['quantization'][1]} (full-integer model; output int8, dequantize "
-                      "with its own scale / zero point)")
+            layout = "NHWC uint8 RGB pixels, the bitmap's bytes (normalization inside the model)"
+        m = ctx.meta
+        embed(path, ClassifierMetadata(
+            name=f"RepViT-{ctx.variant.upper()} {ctx.scheme}",
+            description=(f"RepViT-{ctx.variant.upper()} image classifier ({len(m['classes'])} classes), "
+                         f"{ctx.scheme}. Input: RGB {m['input_size']}x{m['input_size']}, resized "
+                         f"(shorter side {int(m['input_size'] / m['crop_pct'])}, {m['interpolation']}) "
+                         "and centre-cropped. Output: class probabilities."),
+            version="1.0", author="repvit-pipeline",
+            license=("Apache-2.0 (RepViT official weights)"
+                     if str(m.get("weights", {}).get("source", "")).startswith("official") else
+                     "see the weights' source"),
+            labels_file=LABELS_FILE, input_size=m["input_size"],
+            # Float input: MediaPipe requires NormalizationOptions; the model normalizes
+            # itself, so the options pass pixel values through unchanged.
+            input_mean=None if ctx.int8 else [0.0], input_std=None if ctx.int8 else [1.0],
+            input_range=(0.0, 255.0), input_description=layout,
+            output_description="Probability of each class (softmax)"), list(m["classes"]), uint8=ctx.int8)
         if ctx.int8 and cfg.gelu == "float":
             weights += "; GELU computed in float32 inside the int8 graph (XNNPACK has no int8 GELU)"
         facts = {"input_layout": layout, "weights": weights, "ops": op_counts(path), "execution": execution(path),
-                 "metadata": {**model_metadata(ctx, layout), "labels": "labels.txt beside the model"}}
+                 "outputs": "probabilities",
+                 "metadata": {**model_metadata(ctx, layout),
+                              "labels": f"{LABELS_FILE} inside the model (TFLite Model Metadata associated file) "
+                                        "and beside it",
+                              "tflite_metadata": "image classifier: RGB image input, labelled probabilities"}}
         if ctx.check_inputs is not None:
-            x = normalized(ctx.check_inputs, ctx.meta)
             facts["parity"] = check_parity(
-                "TFLite", torch_logits(model, x), run_tflite(path, x),
-                "LiteRT interpreter CPU (measured), vs PyTorch float32",
-                cfg.tolerance if ctx.scheme == "fp32" else None)
+                "TFLite", classifier_probabilities(model, ctx.check_inputs, ctx.meta),
+                run_tflite(path, ctx.check_inputs), "LiteRT interpreter CPU (measured), vs PyTorch float32 "
+                "probabilities", cfg.tolerance if ctx.scheme == "fp32" else None)
         return ExportResult(path, facts)
 
     @staticmethod
@@ -264,7 +330,13 @@ def _int8_calibrate_and_quantize(src: Path, dst: Path, calibration_nhwc: np.ndar
     (signature, spec), = it.get_signature_list().items()
     name = spec["inputs"][0]
     # Later entries win where scopes overlap.
+    # The softmax stays float: the output is float32 probabilities, as apps read them. So
+    # does the input normalization (the wrapper's own ops: x/255, - mean), which then needs
+    # one quantization, of the normalized image, as before the input took raw pixels; in
+    # int8 it would be two requantizations and two more int8 passes over the image.
     steps = (recipe.static_wi8_ai8()
+             + [{"regex": ".*", "operation": "SOFTMAX", "algorithm_key": "no_quantize"},
+                {"regex": r"TFLiteClassifier_wrapped;\d+;$", "operation": "*", "algorithm_key": "no_quantize"}]
              + [{"regex": ".*", "operation": "GELU", "algorithm_key": "no_quantize"}] * float_gelu
              + [{"regex": p, "operation": "*", "algorithm_key": "no_quantize"} for p in keep_float])
     q = quantizer.Quantizer(str(src), steps)

@@ -1,6 +1,6 @@
 """Each artifact in the runtime it will run in, behind one interface:
-``predict(pixels uint8 NHWC) -> scores`` where scores are logits (ONNX, TFLite) or
-probabilities (Core ML), and ``method`` says how results were obtained.
+``predict(pixels uint8 NHWC) -> scores`` where scores are logits (ONNX) or
+probabilities (Core ML, TFLite), and ``method`` says how results were obtained.
 ``invoker(pixels)`` returns a call that runs the model once on input already converted
 to what the runtime takes: latency is the runtime's, without this package's numpy
 preprocessing (about 1 ms at 224 px, which made int8 look slower next to fp32)."""
@@ -45,7 +45,9 @@ class OnnxRuntime:
 
 
 class LiteRTRuntime:
-    method, outputs = "measured", "logits"
+    """The .tflite as an app runs it: raw RGB pixels in (uint8 for full-integer models,
+    float values 0..255 otherwise), class probabilities out."""
+    method, outputs = "measured", "probabilities"
 
     def __init__(self, path: Path, meta: dict, threads: int = 1):
         import importlib.metadata
@@ -57,20 +59,14 @@ class LiteRTRuntime:
         self.name = f"LiteRT {importlib.metadata.version('ai-edge-litert')} CPU (XNNPACK)"
 
     def predict(self, pixels):
-        from ..formats.tflite import from_output, to_input
+        from ..formats.tflite import predict
 
-        x = normalized(pixels, self.meta).transpose(0, 2, 3, 1)
-        outs = []
-        for i in range(len(x)):
-            self.it.set_tensor(self.inp["index"], to_input(x[i:i + 1], self.inp))
-            self.it.invoke()
-            outs.append(from_output(self.it.get_tensor(self.out["index"]), self.out))
-        return np.concatenate(outs)
+        return predict(self.it, pixels)
 
     def invoker(self, pixels):
         from ..formats.tflite import to_input
 
-        x = to_input(normalized(pixels[:1], self.meta).transpose(0, 2, 3, 1), self.inp)
+        x = to_input(pixels[:1], self.inp)
 
         def run():
             self.it.set_tensor(self.inp["index"], x)

@@ -11,7 +11,7 @@ import onnx
 
 from pipeline.formats import normalized
 from pipeline.formats.onnx import global_average_pools, run_onnx
-from pipeline.formats.tflite import TFLiteConfig, execution
+from pipeline.formats.tflite import TFLiteConfig
 from pipeline.report import execution_line
 
 from .test_exporters import export, reference_logits
@@ -32,8 +32,9 @@ def test_int8_tflite_runs_in_one_xnnpack_partition(trained, tmp_path):
     e = r.facts["execution"]
     assert e["xnnpack_partitions"] == 1 and e["ops_outside_xnnpack"] == {} and e["fast_path"]
     assert execution_line("tflite", e) == (f"{e['runtime']}: 1 partition, every op inside XNNPACK.", True)
-    ops = r.facts["ops"]
-    assert ops["GELU"] == ops["DEQUANTIZE"] == ops["QUANTIZE"] == gelus(trained.fused)
+    ops = r.facts["ops"]   # a float GELU between each pair; + the uint8 input's pair; + the float softmax
+    assert ops["GELU"] == gelus(trained.fused)
+    assert (ops["DEQUANTIZE"], ops["QUANTIZE"]) == (ops["GELU"] + 2, ops["GELU"] + 1)
 
     (tmp_path / "int8-gelu").mkdir()
     slow = export("tflite", "int8", trained, tmp_path / "int8-gelu", TFLiteConfig(gelu="int8"))
@@ -42,19 +43,9 @@ def test_int8_tflite_runs_in_one_xnnpack_partition(trained, tmp_path):
     line, fast = execution_line("tflite", e)
     assert not fast and f"**{e['xnnpack_partitions']} partitions**" in line and "GELU" in line
     # Same quantized GELU outputs either way: float GELU costs no fidelity.
-    x = normalized(trained.check, trained.meta)
     from pipeline.formats.tflite import run_tflite
-    a, b = run_tflite(r.path, x), run_tflite(slow.path, x)
+    a, b = run_tflite(r.path, trained.check), run_tflite(slow.path, trained.check)
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.97
-
-
-def test_onnx_squeeze_is_an_integer_pool_and_gelu_the_only_float_op(trained, tmp_path):
-    r = export("onnx", "int8", trained, tmp_path)
-    e = r.facts["execution"]
-    n_se = sum(type(m).__name__ == "SqueezeExcite" for m in trained.fused.modules())
-    assert e["integer_ops"]["QLinearGlobalAveragePool"] == n_se + 1   # SE squeezes + the head's pool
-    assert e["float_between_dq_q"] == {"Gelu": gelus(trained.fused)}
-    assert "ReduceMean" not in r.facts["ops"]
 
 
 def test_global_average_pool_rewrite_is_exact(trained, tmp_path):
@@ -74,14 +65,6 @@ def test_global_average_pool_rewrite_is_exact(trained, tmp_path):
     after = run_onnx(path, x)
     assert np.abs(after - before).max() <= 1e-5 * np.abs(before).max()
     assert np.abs(after - reference_logits(trained)).max() <= 1e-4 * np.abs(before).max()
-
-
-def test_coreml_w8a8_says_which_ops_stay_fp16(trained, tmp_path):
-    r = export("coreml", "int8", trained, tmp_path)
-    e = r.facts["execution"]
-    assert e["fp16_ops"]["gelu"] == gelus(trained.fused)
-    assert e["int8_input_ops"]["conv"] == r.facts["ops"]["conv"]
-    assert "mul" not in e["fp16_ops"] or e["fp16_ops"]["mul"] < e["int8_input_ops"].get("mul", 0)
 
 
 def test_default_deploy_int8_tflite_is_one_partition(tmp_path):

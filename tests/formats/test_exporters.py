@@ -119,14 +119,31 @@ def test_onnx_fp32_parity_metadata_dynamic_batch(trained, tmp_path):
 
 # ---------------------------------------------------------------- TFLite
 
-def test_tflite_fp32_nhwc_parity(trained, tmp_path):
+def test_tflite_fp32_raw_pixel_nhwc_parity(trained, tmp_path):
+    """Raw RGB pixel values in (the normalization is inside the model, the mean removed
+    before the stem's zero padding, exactly), probabilities out."""
     from pipeline.formats.tflite import interpreter
 
     r = export("tflite", "fp32", trained, tmp_path)
-    assert list(interpreter(r.path).get_input_details()[0]["shape"]) == [1, 32, 32, 3]
-    ref = reference_logits(trained)
-    got = run_tflite(r.path, normalized(trained.check, trained.meta))
+    d = interpreter(r.path).get_input_details()[0]
+    assert list(d["shape"]) == [1, 32, 32, 3] and d["dtype"] == np.float32
+    ref = softmax(reference_logits(trained))
+    got = run_tflite(r.path, trained.check)
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert np.allclose(got.sum(1), 1.0, atol=1e-5)
+
+
+def test_tflite_int8_takes_uint8_pixels_and_gives_float_probabilities(trained, tmp_path):
+    from pipeline.formats.tflite import interpreter
+
+    r = export("tflite", "int8", trained, tmp_path)
+    it = interpreter(r.path)
+    d, o = it.get_input_details()[0], it.get_output_details()[0]
+    assert d["dtype"] == np.uint8 and d["quantization"] == (pytest.approx(1 / 255), 0) and o["dtype"] == np.float32
+    got = run_tflite(r.path, trained.check)
+    assert np.allclose(got.sum(1), 1.0, atol=1e-3)
+    assert (got.argmax(1) == reference_logits(trained).argmax(1)).mean() >= 0.97
+    assert r.facts["execution"]["fast_path"]
 
 
 def test_tflite_fp16_halves_the_file(trained, tmp_path):
