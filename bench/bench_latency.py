@@ -126,9 +126,9 @@ def main():
 
     print("\nhow the int8 artifacts execute:")
     tfl = tflite_execution(path_of("int8", "tflite"))
-    print(f"  tflite: {execution_line('tflite', tfl)[0]}")
+    print(f"  tflite: {execution_line(tfl)[0]}")
     onnx_facts = next(a for a in reports["int8"][0]["artifacts"] if a["format"] == "onnx")["export"]
-    print(f"  onnx:   {execution_line('onnx', onnx_facts['execution'])[0]}")
+    print(f"  onnx:   {execution_line(onnx_facts['execution'])[0]}")
     print("  LiteRT per-op times: not available from LiteRT's Python API (the XNNPACK partition is "
           "one node); TFLite's benchmark_model --enable_op_profiling=true gives them on a device.")
 

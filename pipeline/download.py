@@ -31,12 +31,21 @@ def cache_dir() -> Path:
     return Path(root) / "repvit-pipeline" / "weights"
 
 
+# sha256 by (file, size, mtime, inode): a run hashes a checkpoint for its cache key and
+# again where it loads it; an unchanged file is read once per process.
+_DIGESTS: dict[tuple, str] = {}
+
+
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(CHUNK), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 def _check(path: Path, w: Weights, recorded: Optional[str]) -> str:

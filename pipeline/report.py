@@ -135,7 +135,7 @@ def _counts(d: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def execution_line(fmt: str, e: dict) -> tuple[str, bool]:
+def execution_line(e: dict) -> tuple[str, bool]:
     """(how the artifact executes, in a sentence; whether it stays on its runtime's fast path)."""
     if "xnnpack_partitions" in e:
         n, outside = e["xnnpack_partitions"], e["ops_outside_xnnpack"]
@@ -184,7 +184,7 @@ def markdown(r: dict) -> str:
                          f"{t['holdout_kl_before']:.5f} -> {t['holdout_kl_after']:.5f} (simulated in PyTorch).")
         lines.append("")
     off = [a["format"] for a in r["artifacts"]
-           if a["export"].get("execution") and not execution_line(a["format"], a["export"]["execution"])[1]]
+           if a["export"].get("execution") and not execution_line(a["export"]["execution"])[1]]
     if off:
         lines.append(f"> **Off the fast path: {', '.join(off)}** (see How each artifact executes).\n")
     lines += ["## Artifacts", "",
@@ -245,7 +245,7 @@ def markdown(r: dict) -> str:
     executes = [(a["format"], a["export"]["execution"]) for a in r["artifacts"] if a["export"].get("execution")]
     if executes:
         lines += ["## How each artifact executes", ""]
-        lines += [f"- **{fmt}**: {execution_line(fmt, e)[0]} ({e['how']})" for fmt, e in executes]
+        lines += [f"- **{fmt}**: {execution_line(e)[0]} ({e['how']})" for fmt, e in executes]
         lines.append("")
     lines += ["## Export checks", ""]
     for a in r["artifacts"]:

@@ -90,6 +90,12 @@ def normalized(pixels: np.ndarray, meta: dict) -> np.ndarray:
     return normalize_pixels(pixels, meta["mean"], meta["std"])
 
 
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of logits (what Core ML and TFLite artifacts output)."""
+    e = np.exp(x - x.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
     """max |diff| relative to max |reference| and top-1 agreement."""
     diff = float(np.abs(reference - candidate).max())

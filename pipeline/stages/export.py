@@ -14,7 +14,7 @@ import torch
 
 from ..checkpoints import load_model
 from ..data import sample_images
-from ..formats import ExportContext, ExportError, get_exporter, normalized
+from ..formats import ExportContext, ExportError, get_exporter, normalized, softmax
 from ..runner import facts_of
 from ..runtimes import alternate_latency, open_runtime
 from ..formats.coreml import CoreMLConfig
@@ -90,12 +90,7 @@ def probabilities(fmt: str, ctx: ExportContext, pixels: np.ndarray) -> np.ndarra
     """Class probabilities of the artifact at ``ctx.out_path``, in its own runtime."""
     rt = open_runtime(fmt, ctx.out_path, ctx.meta)
     scores = np.concatenate([rt.predict(pixels[i:i + 32]) for i in range(0, len(pixels), 32)])
-    return scores if rt.outputs == "probabilities" else _softmax(scores)
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
+    return scores if rt.outputs == "probabilities" else softmax(scores)
 
 
 def measure_drop(pred: np.ndarray, labels: Optional[np.ndarray], float_pred: np.ndarray) -> tuple[float, float]:
@@ -163,7 +158,7 @@ def export_within_budget(exporter, model, ctx: ExportContext, cfg, quant_dir: Pa
     ranking = [r["layer"] for r in json.loads((quant_dir / "sensitivity.json").read_text())]
     reference = model if reference is None else reference
     with torch.no_grad():
-        float_probs = _softmax(reference(torch.from_numpy(normalized(pixels, ctx.meta))).numpy())
+        float_probs = softmax(reference(torch.from_numpy(normalized(pixels, ctx.meta))).numpy())
     float_pred = float_probs.argmax(1)
 
     def attempt(layers: tuple) -> Attempt:

@@ -16,7 +16,7 @@ import torch
 
 from ..checkpoints import load_model
 from ..data import DataConfig, fingerprint_folder, open_image, resolve_sets, sample_images
-from ..formats import normalized
+from ..formats import normalized, softmax
 from ..progress import Progress
 from ..runner import facts_of
 from ..runtimes import open_runtime
@@ -55,11 +55,6 @@ def cpu_name() -> str:
 
 
 # ---------------------------------------------------------------- metrics
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
 
 def fidelity(reference: np.ndarray, scores: np.ndarray) -> dict:
     """Top-1 agreement, mean cosine and SQNR (dB) of ``scores`` against ``reference``."""

@@ -31,7 +31,7 @@ def test_int8_tflite_runs_in_one_xnnpack_partition(trained, tmp_path):
     r = export("tflite", "int8", trained, tmp_path)
     e = r.facts["execution"]
     assert e["xnnpack_partitions"] == 1 and e["ops_outside_xnnpack"] == {} and e["fast_path"]
-    assert execution_line("tflite", e) == (f"{e['runtime']}: 1 partition, every op inside XNNPACK.", True)
+    assert execution_line(e) == (f"{e['runtime']}: 1 partition, every op inside XNNPACK.", True)
     ops = r.facts["ops"]   # a float GELU between each pair; + the uint8 input's pair; + the float softmax
     assert ops["GELU"] == gelus(trained.fused)
     assert (ops["DEQUANTIZE"], ops["QUANTIZE"]) == (ops["GELU"] + 2, ops["GELU"] + 1)
@@ -40,7 +40,7 @@ def test_int8_tflite_runs_in_one_xnnpack_partition(trained, tmp_path):
     slow = export("tflite", "int8", trained, tmp_path / "int8-gelu", TFLiteConfig(gelu="int8"))
     e = slow.facts["execution"]
     assert e["xnnpack_partitions"] > 1 and e["ops_outside_xnnpack"] == {"GELU": gelus(trained.fused)}
-    line, fast = execution_line("tflite", e)
+    line, fast = execution_line(e)
     assert not fast and f"**{e['xnnpack_partitions']} partitions**" in line and "GELU" in line
     # Same quantized GELU outputs either way: float GELU costs no fidelity.
     from pipeline.formats.tflite import run_tflite
