@@ -56,6 +56,8 @@ bench: ## Benchmarks under bench/ (ratios measured in one run; accuracy needs ..
 	$(PY) bench/bench_qat.py
 	$(PY) bench/bench_calibration.py
 	$(PY) bench/bench_mediapipe.py
+	$(PY) bench/bench_int8_fidelity.py
+	$(PY) bench/bench_validation.py
 
 cache-ls: ## List cached stage outputs
 	$(PY) -m pipeline cache ls --artifacts $(ARTIFACTS)

@@ -1,5 +1,5 @@
 """Which activation ranges keep int8 closest to float? Each format's calibration options
-on the trained reference (../shared/data/reference: RepViT-M0.9, CIFAR-10, 64x64), through
+(after the residual-stream equalization, which is on by default) on the trained reference (../shared/data/reference: RepViT-M0.9, CIFAR-10, 64x64), through
 the pipeline: 256 training images calibrate, test images are scored, the accuracy-aware
 pass is off (``quantize.max_drop=null``) so the rows compare the ranges alone. Prints the
 top-1 drop against float with its standard error (paired) and the top-1 agreement with
@@ -26,13 +26,16 @@ CHOICES = [
     ("onnx", "min/max", ["export.onnx.calibration=minmax"]),
     ("onnx", "percentile 99.99", ["export.onnx.percentile=99.99"]),
     ("onnx", "percentile 99.999 (default)", []),
+    ("onnx", "percentile 99.999, all images at once", ["export.onnx.calibration_stride=0"]),
+    ("tflite", "min/max over all images (default)", []),
+    ("tflite", "moving average of each image's min/max", ["export.tflite.calibration=moving_average"]),
 ]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--eval-images", type=int, default=0, help="test images scored (0: all 10,000)")
-    ap.add_argument("--formats", nargs="+", default=["coreml", "onnx"])
+    ap.add_argument("--formats", nargs="+", default=["coreml", "onnx", "tflite"])
     args = ap.parse_args()
     require_shared()
     common = ["validate.latency_runs=3", "validate.threads=[1]", "quantize.max_drop=null"]
@@ -44,6 +47,7 @@ def main():
                                       args.eval_images), log_stderr)
         (a,) = rep["artifacts"]
         rows.append((fmt, what, a["accuracy"]["drop_vs_float"], a["fidelity"]["top1_agreement"], a["method"]))
+        print(f"{fmt} {what}: {rows[-1][2]} {rows[-1][3]}", file=sys.stderr)
     ref = rep["reference"]["accuracy"]
     print(f"\nRepViT-M0.9 CIFAR-10 reference, {ref['n']} test images; float PyTorch top-1 "
           f"{100 * ref['top1']:.2f}% (measured). Core ML rows are simulated (MIL interpreter, fp16); "

@@ -19,6 +19,7 @@ class PipelineGroup(click.Group):
     def invoke(self, ctx):
         from .checkpoints import CheckpointError
         from .config import RecipeError
+        from .deploy import DiskFull
         from .data import DataError
         from .download import WeightsCorrupt, WeightsUnavailable
         from .formats import ExportError
@@ -27,7 +28,7 @@ class PipelineGroup(click.Group):
         try:
             return super().invoke(ctx)
         except (CheckpointError, RecipeError, DataError, WeightsCorrupt, WeightsUnavailable,
-                ReparamError, UnknownVariant, ExportError, NotImplementedError) as e:
+                ReparamError, UnknownVariant, ExportError, NotImplementedError, DiskFull) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
 
@@ -148,6 +149,8 @@ def deploy(quant, as_json, **kw):
         click.echo(json.dumps(report, indent=1, default=str))
     else:
         click.echo(summary(report, folder))
+    if report["failed"]:   # the other formats shipped; CI must still notice
+        sys.exit(1)
 
 
 @main.command()
@@ -161,6 +164,8 @@ def compare(quants, **kw):
     result, folder = run_compare(RunOptions(**kw), list(quants) or ["fp32", "fp16"], log=log_stderr)
     click.echo(f"wrote {folder}/ (compare.md, compare.html, compare.json, compare.png)")
     click.echo((folder / "compare.md").read_text())
+    if result["failed"]:
+        sys.exit(1)
 
 
 @main.group()

@@ -29,6 +29,8 @@ def rows_of(quant: str, rep: dict) -> list[dict]:
                      "method": a["method"], "iphone": _iphone(a)})
     for s in rep["skipped"]:
         rows.append({"scheme": quant, "format": s["format"], "skipped": s["reason"]})
+    for f in rep.get("failed", []):
+        rows.append({"scheme": quant, "format": f["format"], "failed": f"{f['stage']}: {f['error']}"})
     return rows
 
 
@@ -41,22 +43,18 @@ def _iphone(a: dict) -> dict | None:
 
 
 def compare(opts: RunOptions, quants: list[str], log: Callable[[str], None] = print) -> tuple[dict, Path]:
-    reports, failures = {}, {}
+    """A format that fails in one scheme is a row saying so (the deploy's own report has
+    what to do); any other error stops the comparison."""
+    reports = {}
     for q in quants:
         log(f"== {q}")
-        try:
-            reports[q], _ = deploy(dataclasses.replace(opts, quant=q, recipe=None), log)
-        except NotImplementedError as e:
-            failures[q] = str(e)
-            log(f"   {q}: not produced: {e}")
-    if not reports:
-        raise NotImplementedError("no scheme could be produced: " + "; ".join(failures.values()))
+        reports[q], _ = deploy(dataclasses.replace(opts, quant=q, recipe=None), log)
     first = next(iter(reports.values()))
     variant = first["variant"]
     result = {"variant": variant, "weights": first["weights"], "data": first["data"],
               "reference": first.get("reference"),
               "rows": [r for q, rep in reports.items() for r in rows_of(q, rep)],
-              "failed": [{"scheme": q, "reason": r} for q, r in failures.items()],
+              "failed": [{"scheme": q, **f} for q, rep in reports.items() for f in rep["failed"]],
               "notes": sorted({n for rep in reports.values() for n in rep["notes"]})}
     folder = opts.artifacts / f"{variant}-compare"
     with staged_dir(folder) as tmp:
@@ -80,7 +78,7 @@ def plot(result: dict) -> bytes:
     import matplotlib.pyplot as plt
 
     key, label = _quality(result)
-    rows = [r for r in result["rows"] if not r.get("skipped") and r.get(key) is not None]
+    rows = [r for r in result["rows"] if not (r.get("skipped") or r.get("failed")) and r.get(key) is not None]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     markers = {"coreml": "o", "onnx": "s", "tflite": "^"}
     for ax, xkey, xlabel in ((axes[0], "host_ms", "host CPU latency, ms (measured, 1 thread)"),
@@ -114,8 +112,9 @@ def _fmt(v, spec: str, scale: float = 1.0) -> str:
 def table_rows(result: dict) -> list[list[str]]:
     out = []
     for r in result["rows"]:
-        if r.get("skipped"):
-            out.append([r["scheme"], r["format"], "-", "-", "-", "-", "-", "-", f"not produced: {r['skipped']}"])
+        if r.get("skipped") or r.get("failed"):
+            why = f"not produced: {r['skipped']}" if r.get("skipped") else f"FAILED in {r['failed']}"
+            out.append([r["scheme"], r["format"], "-", "-", "-", "-", "-", "-", why])
             continue
         iph = r.get("iphone")
         drop = r.get("drop")
@@ -124,8 +123,6 @@ def table_rows(result: dict) -> list[list[str]]:
                     _fmt(r["agreement"], ".2f", 100), _fmt(r["host_ms"], ".2f"),
                     f"{iph['ms']:.2f} ({iph['method']}{', extrapolated' if iph.get('extrapolated') else ''})"
                     if iph else "-", r["method"]])
-    for f in result["failed"]:
-        out.append([f["scheme"], "all", "-", "-", "-", "-", "-", "-", f"not produced: {f['reason']}"])
     return out
 
 

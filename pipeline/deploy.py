@@ -1,6 +1,9 @@
 """``make deploy``: run a recipe's stages (cached) and publish ``artifacts/<variant>-<quant>/``."""
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -11,9 +14,10 @@ from typing import Callable, Optional
 
 from . import report as report_mod
 from .atomic import staged_dir
+from .data import forget_listings
 from .config import RECIPES_DIR, Recipe, RecipeError, load_recipe
 from .runner import Cache, run_stages
-from .stages import SECTIONS, STAGES
+from .stages import SECTIONS, plan
 from .variants import get_variant
 
 
@@ -59,16 +63,45 @@ def resolve_recipe(opts: RunOptions) -> Recipe:
     return recipe
 
 
+class DiskFull(OSError):
+    pass
+
+
+DISK_FULL = ("the disk is full while writing {what}. Nothing was half-written (each cache entry and "
+             "the deploy folder appear whole or not at all) and finished stages stay cached: free space "
+             "(`python -m pipeline cache clean --older-than 7d` removes old cache entries) or point "
+             "ARTIFACTS=<folder on a larger disk>, then run the same command again")
+
+
+@contextlib.contextmanager
+def disk_full_explained(what: str):
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DiskFull(errno.ENOSPC, DISK_FULL.format(what=what)) from e
+        raise
+
+
 def publish(folder: Path, records: dict, report: dict, md: str) -> None:
-    """Assemble the deploy folder beside its final place, then swap it in: a reader never
-    sees a half-written folder."""
+    """Assemble the deploy folder beside its final place, then swap it in, under a lock (two
+    concurrent deploys of one scheme publish one after the other): a reader never sees a
+    half-written folder."""
+    locks = folder.parent / "cache"   # not beside the deploy folders, which are the user's
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f".publish-{folder.name}.lock", "a+") as lock, disk_full_explained(str(folder)):
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _publish(folder, records, report, md)
+
+
+def _publish(folder: Path, records: dict, report: dict, md: str) -> None:
     with staged_dir(folder) as tmp:
-        export_dir = records["export"].dir if "export" in records else None
-        if export_dir:
-            for a in report["artifacts"]:
-                src = export_dir / a["path"]
-                (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp / a["path"])
-            shutil.copy2(export_dir / "labels.txt", tmp / "labels.txt")
+        dirs = report_mod.export_dirs(records)
+        for a in report["artifacts"]:
+            src = dirs[a["format"]] / a["path"]
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp / a["path"])
+        if dirs:
+            shutil.copy2(next(iter(dirs.values())) / "labels.txt", tmp / "labels.txt")
             if any(a["format"] == "coreml" for a in report["artifacts"]):
                 shutil.copytree(Path(__file__).parent / "resources" / "RepViTBench", tmp / "RepViTBench")
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
@@ -77,16 +110,17 @@ def publish(folder: Path, records: dict, report: dict, md: str) -> None:
 
 def deploy(opts: RunOptions, log: Callable[[str], None] = print) -> tuple[dict, Path]:
     recipe = resolve_recipe(opts)
+    forget_listings()
     log(f"RepViT-{recipe.variant.upper()} · {recipe.quant} · recipe {recipe.name} "
         f"({', '.join(recipe.sources)})")
-    stages = [STAGES[name] for name in recipe.stages]
-    records = run_stages(stages, recipe.sections, Cache(opts.artifacts / "cache"), set(opts.force), log)
+    stages = plan(recipe.stages, recipe.sections)
+    with disk_full_explained(str(opts.artifacts / "cache")):
+        records = run_stages(stages, recipe.sections, Cache(opts.artifacts / "cache"), set(opts.force), log)
     if not records["load"].facts["weights"]["trained"]:
         log(f"WARNING: {report_mod.UNTRAINED}: {records['load'].facts['weights']['reason']}")
     folder = opts.artifacts / f"{recipe.variant}-{recipe.quant}"
-    # Sizes and digests are taken from the export stage's files, which publish copies.
-    rep = report_mod.build(recipe.variant, recipe.quant, recipe.name, records,
-                           records["export"].dir if "export" in records else folder)
+    # Sizes and digests are taken from the export units' files, which publish copies.
+    rep = report_mod.build(recipe.variant, recipe.quant, recipe.name, records)
     publish(folder, records, rep, report_mod.markdown(rep))
     return rep, folder
 
@@ -117,6 +151,8 @@ def summary(rep: dict, folder: Path) -> str:
                      f"[{a['method']}]{lat_s}{budget}")
     for s in rep["skipped"]:
         lines.append(f"  {s['format']:7} not produced: {s['reason']}")
+    for f in rep["failed"]:
+        lines.append(f"  {f['format']:7} FAILED in {f['stage']}: {f['error']}\n          {f['what_to_do']}")
     if not rep["weights"]["trained"]:
         lines.append(f"WARNING: {report_mod.UNTRAINED}")
     return "\n".join(lines)

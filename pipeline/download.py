@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .hashing import sha256_file  # noqa: F401  (part of this module's API)
 from .variants import Variant, Weights
 
 CHUNK = 1 << 20
@@ -33,21 +34,6 @@ def cache_dir() -> Path:
 
 # sha256 by (file, size, mtime, inode): a run hashes a checkpoint for its cache key and
 # again where it loads it; an unchanged file is read once per process.
-_DIGESTS: dict[tuple, str] = {}
-
-
-def sha256_file(path: Path) -> str:
-    st = Path(path).stat()
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(CHUNK), b""):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
-
-
 def _check(path: Path, w: Weights, recorded: Optional[str]) -> str:
     """sha256 of ``path`` after checking it against every pin there is."""
     size = path.stat().st_size

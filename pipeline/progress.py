@@ -1,18 +1,36 @@
-"""Progress bars for long work (calibration, evaluation, training), quiet when not a terminal."""
+"""Progress for long work (calibration, evaluation, training): a bar with rate and ETA on a
+terminal; elsewhere (CI logs, pipes) a line with rate and ETA every ``every_s`` seconds."""
 from __future__ import annotations
 
 import sys
+import time
 
 from tqdm import tqdm
 
 
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
 class Progress:
-    def __init__(self, total: int, unit: str):
+    def __init__(self, total: int, unit: str, every_s: float = 30.0):
+        self.tty = sys.stderr.isatty()
         self.bar = tqdm(total=total, unit=" " + unit.split()[-1], desc=f"    {unit}", leave=False,
-                        disable=not sys.stderr.isatty(), dynamic_ncols=True)
+                        disable=not self.tty, dynamic_ncols=True)
+        self.total, self.unit, self.every_s = total, unit, every_s
+        self.done, self.start = 0, time.monotonic()
+        self.last = self.start
 
     def update(self, n: int = 1) -> None:
         self.bar.update(n)
+        self.done += n
+        now = time.monotonic()
+        if not self.tty and now - self.last >= self.every_s and 0 < self.done < self.total:
+            self.last = now
+            rate = self.done / (now - self.start)
+            print(f"    {self.unit}: {self.done}/{self.total}, {rate:.1f}/s, "
+                  f"ETA {_clock((self.total - self.done) / rate)}", file=sys.stderr, flush=True)
 
     def __enter__(self):
         return self

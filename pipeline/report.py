@@ -6,6 +6,8 @@ import platform
 from pathlib import Path
 from typing import Any, Optional
 
+from .runner import facts_of
+
 UNTRAINED = "untrained weights: accuracy figures are meaningless"
 
 
@@ -26,24 +28,57 @@ def tree_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def build(variant: str, quant: str, recipe_name: str, records: dict, out_dir: Path) -> dict:
+RETRY = ("the other formats shipped. Run the same command again to retry only this format "
+         "(the rest is cached); leave it out with --set export.formats=[...]; if the error "
+         "persists, it is the converter's or runtime's: pin its previous version in setup.cfg")
+
+
+NO_SPACE = ("free disk space (`python -m pipeline cache clean --older-than 7d` removes old cache "
+            "entries) or point ARTIFACTS=<folder on a larger disk>, then run the same command again: "
+            "only this format runs")
+
+
+def failures(records: dict) -> list[dict]:
+    """The per-format units that failed (export.<format>, validate.<format>), with what to do."""
+    out = []
+    for name, r in records.items():
+        stage, _, fmt = name.partition(".")
+        if fmt and stage in ("export", "validate") and r.error and not r.error.startswith("not run"):
+            todo = NO_SPACE if "No space left on device" in r.error else RETRY
+            out.append({"format": fmt, "stage": name, "error": r.error, "what_to_do": todo})
+    return out
+
+
+def export_dirs(records: dict) -> dict[str, Path]:
+    """Each format's export folder, where that format's unit succeeded and was validated."""
+    return {name.partition(".")[2]: r.dir for name, r in records.items()
+            if name.startswith("export.") and not r.error
+            and not (records.get("validate." + name.partition(".")[2]) or r).error}
+
+
+def build(variant: str, quant: str, recipe_name: str, records: dict) -> dict:
     """The report contract. ``records`` are the runner's StageRecords by stage name."""
     load = records["load"].facts
-    exported = records["export"].facts if "export" in records else {"artifacts": []}
-    validated = records["validate"].facts if "validate" in records else {}
-    by_format = {a["format"]: a for a in validated.get("artifacts", [])}
+    dirs = export_dirs(records)
+    images = records["images"].facts if "images" in records else {}
+    validated = {"eval_images": images.get("eval_images"), "calibration_images": images.get("calibration_images"),
+                 "preprocess": images.get("preprocess"),
+                 "reference": records["reference"].facts if "reference" in records else None}
+    by_format = {a["format"]: a for name, r in records.items() if name.startswith("validate.") and not r.error
+                 for a in r.facts["artifacts"]}
     artifacts, skipped = [], []
-    for a in exported["artifacts"]:
-        if not a.get("path"):
-            skipped.append({"format": a["format"], "reason": a["skipped"]})
-            continue
-        path = out_dir / a["path"]
-        v = by_format.get(a["format"], {})
-        artifacts.append({
-            "format": a["format"], "path": a["path"], "bytes": tree_bytes(path), "sha256": tree_sha256(path),
-            "runtime": v.get("runtime"), "method": v.get("method"),
-            "accuracy": v.get("accuracy"), "fidelity": v.get("fidelity"), "latency": v.get("latency", []),
-            "export": {k: val for k, val in a.items() if k not in ("format", "path")}})
+    for fmt, folder in dirs.items():
+        for a in facts_of(folder)["artifacts"]:
+            if not a.get("path"):
+                skipped.append({"format": a["format"], "reason": a["skipped"]})
+                continue
+            path = folder / a["path"]
+            v = by_format.get(a["format"], {})
+            artifacts.append({
+                "format": a["format"], "path": a["path"], "bytes": tree_bytes(path), "sha256": tree_sha256(path),
+                "runtime": v.get("runtime"), "method": v.get("method"),
+                "accuracy": v.get("accuracy"), "fidelity": v.get("fidelity"), "latency": v.get("latency", []),
+                "export": {k: val for k, val in a.items() if k not in ("format", "path")}})
     budget_of(artifacts, records, validated.get("reference"))
     weights = load["weights"]
     notes = []
@@ -62,9 +97,9 @@ def build(variant: str, quant: str, recipe_name: str, records: dict, out_dir: Pa
         "data": {"eval": validated.get("eval_images"), "calibration": _calibration(records)},
         "reference": validated.get("reference"),
         "qat": _qat(records["qat"].facts) if "qat" in records else None,
-        "stages": [{"name": r.name, "key": r.key, "cache_hit": r.cache_hit, "seconds": round(r.seconds, 3)}
-                   for r in records.values()],
-        "artifacts": artifacts, "skipped": skipped, "notes": notes,
+        "stages": [{"name": r.name, "key": r.key, "cache_hit": r.cache_hit, "seconds": round(r.seconds, 3),
+                    **({"error": r.error} if r.error else {})} for r in records.values()],
+        "artifacts": artifacts, "skipped": skipped, "failed": failures(records), "notes": notes,
         "host": {"os": f"{platform.system()} {platform.release()}", "machine": platform.machine(),
                  "python": platform.python_version()},
     }
@@ -183,6 +218,8 @@ def markdown(r: dict) -> str:
                          f"{_pct(t['holdout_agreement_after'])}% after, mean KL(float || student) "
                          f"{t['holdout_kl_before']:.5f} -> {t['holdout_kl_after']:.5f} (simulated in PyTorch).")
         lines.append("")
+    for f in r.get("failed", []):
+        lines.append(f"> **{f['format']} FAILED** in `{f['stage']}`: {f['error']}  \n> What to do: {f['what_to_do']}.\n")
     off = [a["format"] for a in r["artifacts"]
            if a["export"].get("execution") and not execution_line(a["export"]["execution"])[1]]
     if off:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from .atomic import staged_dir, staging_prefix
 from .config import to_dict
+from .hashing import sha256_file
 
 MANIFEST = "manifest.json"
 
@@ -46,6 +47,11 @@ class Stage:
     # Gets ``scratch``: a folder per key that survives an interruption (checkpoints to resume
     # from) and is removed once the entry is complete.
     resumable: bool = False
+    section: Optional[str] = None       # the recipe section configuring it (default: its name)
+    narrow: Optional[Callable[[Any], Any]] = None   # the part of that section it reads (its key)
+    # A failure is recorded and the run goes on (stages needing it are not run); the failed
+    # unit is not cached, so the next run redoes only it.
+    isolated: bool = False
 
 
 @dataclass
@@ -54,8 +60,9 @@ class StageRecord:
     key: str
     cache_hit: bool
     seconds: float
-    dir: Path
+    dir: Optional[Path]
     facts: dict = field(default_factory=dict)
+    error: Optional[str] = None         # an isolated stage that failed or could not run
 
 
 def _versions(libraries: tuple[str, ...]) -> dict[str, str]:
@@ -73,14 +80,6 @@ def _code_hash(modules: tuple[str, ...]) -> str:
     for name in sorted(modules):
         h.update(inspect.getsource(importlib.import_module(name)).encode())
     return h.hexdigest()[:16]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def stage_key(stage: Stage, config: Any, others: dict[str, Any], input_keys: dict[str, str],
@@ -168,7 +167,7 @@ def run_stage(stage: Stage, config: Any, others: dict[str, Any], inputs: dict[st
                 extra["scratch"].mkdir(exist_ok=True)
             facts = stage.run(config, {n: r.dir for n, r in inputs.items()}, tmp, **others, **extra) or {}
             seconds = time.perf_counter() - start
-            outputs = [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": _sha256(p)}
+            outputs = [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
                        for p in sorted(tmp.rglob("*")) if p.is_file()]
             manifest = {**payload, "key": key, "facts": facts, "outputs": outputs,
                         "seconds": round(seconds, 3), "created": time.time()}
@@ -189,8 +188,11 @@ def _section(sections: dict[str, Any], dotted: str) -> Any:
 
 def run_stages(stages: list[Stage], sections: dict[str, Any], cache: Cache,
                force: set[str] = frozenset(), log: Callable[[str], None] = print) -> dict[str, StageRecord]:
+    """Run ``stages`` in order. ``force`` names stages, or sections (every stage they configure).
+    An isolated stage's failure is recorded in its StageRecord's ``error`` and the run goes
+    on without the stages that need it; any other failure raises."""
     records: dict[str, StageRecord] = {}
-    unknown = set(force) - {s.name for s in stages}
+    unknown = set(force) - {s.name for s in stages} - {s.section or s.name for s in stages}
     if unknown:
         raise ValueError(f"--force {', '.join(sorted(unknown))}: not a stage of this recipe "
                          f"({', '.join(s.name for s in stages)})")
@@ -198,10 +200,26 @@ def run_stages(stages: list[Stage], sections: dict[str, Any], cache: Cache,
         missing = [n for n in stage.needs if n not in records]
         if missing:
             raise ValueError(f"stage {stage.name!r} needs {', '.join(missing)} to run before it")
+        position = f"[{i}/{len(stages)}] "
+        failed = [n for n in stage.needs if records[n].error]
+        if failed:
+            records[stage.name] = StageRecord(stage.name, "", False, 0.0, None,
+                                              error=f"not run: {', '.join(failed)} failed")
+            log(f"{position}{stage.name:<9} not run  ({', '.join(failed)} failed)")
+            continue
         inputs = {n: records[n] for n in (*stage.needs, *stage.uses) if n in records}
         # A section may be a sub-block ("export.coreml"): passed as its last name.
         others = {s.rsplit(".", 1)[-1]: _section(sections, s) for s in stage.sections}
-        records[stage.name] = run_stage(stage, sections[stage.name], others, inputs, cache,
-                                        force=stage.name in force, log=log,
-                                        position=f"[{i}/{len(stages)}] ")
+        config = sections[stage.section or stage.name]
+        config = stage.narrow(config) if stage.narrow else config
+        forced = stage.name in force or (stage.section or stage.name) in force
+        try:
+            records[stage.name] = run_stage(stage, config, others, inputs, cache, force=forced, log=log,
+                                            position=position)
+        except Exception as e:
+            if not stage.isolated:
+                raise
+            records[stage.name] = StageRecord(stage.name, "", False, 0.0, None,
+                                              error=f"{type(e).__name__}: {e}")
+            log(f"{position}{stage.name:<9} FAILED   {type(e).__name__}: {e}")
     return records

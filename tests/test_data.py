@@ -1,3 +1,4 @@
+import os
 import tarfile
 
 import numpy as np
@@ -120,3 +121,27 @@ def test_imagenet_val_tree_maps_wnids_to_model_outputs(imagenet_sample):
     assert len(s) == 1000 and sorted(s.labels) == list(range(1000))
     for path, label in zip(s.paths[:20], s.labels[:20]):
         assert wnid_index[path.parent.name] == label
+
+
+def test_folder_fingerprint_follows_names_sizes_and_mtimes(tmp_path):
+    from pipeline.data import fingerprint_folder, forget_listings
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / cls / f"{i}.png")
+    first = fingerprint_folder(str(tmp_path))
+    assert fingerprint_folder(str(tmp_path)) == first                 # unchanged: same key
+    img = tmp_path / "a" / "0.png"
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(img)                   # rewritten in place
+    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
+    assert fingerprint_folder(str(tmp_path)) == first                 # within one run: listed once
+    forget_listings()                                                 # the next run (deploy) lists again
+    second = fingerprint_folder(str(tmp_path))
+    assert second != first
+    (tmp_path / "b" / "2.png").rename(tmp_path / "a" / "9.png")       # moved to another class
+    third = fingerprint_folder(str(tmp_path))                         # folder mtimes changed: listed again
+    assert third not in (first, second)
+    (tmp_path / "b" / "notes.txt").write_text("not an image")         # not an image: ignored
+    os.utime(tmp_path / "b", ns=(1, 1))
+    assert fingerprint_folder(str(tmp_path)) == third

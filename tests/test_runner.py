@@ -204,3 +204,45 @@ def test_cache_ls_and_clean(tmp_path):
     assert {e["stage"] for e in cache.entries()} == {"a", "b", "c"}
     assert cache.clean(older_than_s=3600) == 0
     assert cache.clean() == 3 and cache.entries() == []
+
+
+@dataclass
+class Pair:
+    left: int = 1
+    right: int = 2
+
+
+def test_units_of_one_section_are_keyed_by_their_own_part_and_fail_alone(tmp_path):
+    """Two isolated units configured by one section, each narrowed to its half: changing
+    one half re-runs one unit; a unit that raises is recorded, its dependants are not run,
+    the others go on, and --force by section re-runs every unit of it."""
+    def unit(side):
+        def run(cfg, inputs, out_dir):
+            CALLS.append(side)
+            if cfg == -1:
+                raise RuntimeError(f"{side} broke")
+            (out_dir / "out.txt").write_text(str(cfg))
+            return {}
+        return run
+
+    stages = [Stage("u.left", unit("left"), section="u", narrow=lambda c: c.left, isolated=True),
+              Stage("u.right", unit("right"), section="u", narrow=lambda c: c.right, isolated=True),
+              Stage("after.left", make("after"), needs=("u.left",), section="b")]
+    cache = Cache(tmp_path)
+
+    def run(pair, force=frozenset()):
+        CALLS.clear()
+        return run_stages(stages, {"u": pair, "b": Cfg(0)}, cache, force=force, log=lambda m: None)
+
+    run(Pair())
+    assert CALLS == ["left", "right", "after"]
+    run(Pair(right=3))
+    assert CALLS == ["right"]
+    records = run(Pair(left=-1, right=3))
+    assert records["u.left"].error == "RuntimeError: left broke" and records["u.left"].dir is None
+    assert records["after.left"].error == "not run: u.left failed" and not records["u.right"].error
+    assert CALLS == ["left"]
+    run(Pair(right=3), force={"u"})
+    assert sorted(CALLS) == ["left", "right"]   # their dependants keep their keys: cached
+    with pytest.raises(RuntimeError, match="left broke"):   # a stage not isolated still stops the run
+        run_stages([replace(stages[0], isolated=False)], {"u": Pair(left=-1)}, cache, log=lambda m: None)

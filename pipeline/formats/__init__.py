@@ -96,6 +96,13 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
+def kl_per_image(float_probs: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """KL(float || artifact) of each image's class probabilities: how far the artifact's
+    whole output moved, a continuous measure with far less variance than a flipped top-1."""
+    eps = 1e-12
+    return (float_probs * (np.log(float_probs + eps) - np.log(probs + eps))).sum(1)
+
+
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
     """max |diff| relative to max |reference| and top-1 agreement."""
     diff = float(np.abs(reference - candidate).max())

@@ -63,6 +63,12 @@ class TFLiteConfig:
     # alternating with fp32 in one run): int8/fp32 0.35 (1 thread) and 0.36 (2 threads) with
     # float GELU; 0.39 / 0.48 with int8 GELU. README "int8 speed" has the shipped figures.
     gelu: Literal["float", "int8"] = "float"
+    # int8 activation ranges. ai-edge-quantizer's own statistics ("moving_average": each
+    # image's min/max, one image at a time, folded in with factor 0.95) clip whatever is
+    # rarer than a typical image: on the reference the logits' range was [-1.5, 3.0] for
+    # float logits spanning [-3.1, 6.4]. "min_max": every tensor's min/max over all the
+    # calibration images, as onnxruntime and coremltools calibrate (README "int8 fidelity").
+    calibration: Literal["min_max", "moving_average"] = "min_max"
 
 
 def interpreter(path: Path, threads: int = 1):
@@ -235,7 +241,7 @@ class TFLiteExporter(SchemeSupport):
         elif ctx.int8:
             keep = float_layer_patterns(wrapped, tuple(f"model.{l}" for l in ctx.float_layers), float_path)
             self._int8(float_path, path, ctx.calibration.astype(np.float32) / 255.0, keep,
-                       float_gelu=cfg.gelu == "float")
+                       float_gelu=cfg.gelu == "float", cfg_calibration=cfg.calibration)
         elif ctx.scheme == "w8":
             self._dynamic_range(float_path, path)
         else:
@@ -282,18 +288,15 @@ class TFLiteExporter(SchemeSupport):
 
     @staticmethod
     def _int8(src: Path, dst: Path, calibration_nhwc: np.ndarray, keep_float: list[str],
-              float_gelu: bool = True) -> None:
+              float_gelu: bool = True, cfg_calibration: str = "min_max") -> None:
         """Static full-integer int8 (ai-edge-quantizer): int8 weights per channel, int8
-        activations from ai-edge-quantizer's default statistics (each image's min/max, one
-        image at a time, folded in as a moving average with factor 0.95, which clips rare
-        extremes; a global min/max measured no better on the reference, see README); ops
-        whose scope matches a
-        ``keep_float`` pattern stay float (the accuracy-aware pass); with ``float_gelu``,
+        activations calibrated as ``TFLiteConfig.calibration`` says; ops whose scope matches
+        a ``keep_float`` pattern stay float (the accuracy-aware pass); with ``float_gelu``,
         every GELU too (see ``TFLiteConfig.gelu``)."""
         try:
             with quiet():
                 _int8_calibrate_and_quantize(src, dst, np.ascontiguousarray(calibration_nhwc, np.float32),
-                                             keep_float, float_gelu)
+                                             keep_float, float_gelu, cfg_calibration)
         except Exception as e:
             raise ExportError(f"TFLite int8 quantization failed: {type(e).__name__}: {e}") from e
         if keep_float:
@@ -323,7 +326,8 @@ class TFLiteExporter(SchemeSupport):
 
 
 def _int8_calibrate_and_quantize(src: Path, dst: Path, calibration_nhwc: np.ndarray,
-                                 keep_float: list[str] = (), float_gelu: bool = True) -> None:
+                                 keep_float: list[str] = (), float_gelu: bool = True,
+                                 calibration: str = "min_max") -> None:
     from ai_edge_quantizer import quantizer, recipe
 
     it = interpreter(src)
@@ -340,9 +344,28 @@ def _int8_calibrate_and_quantize(src: Path, dst: Path, calibration_nhwc: np.ndar
              + [{"regex": ".*", "operation": "GELU", "algorithm_key": "no_quantize"}] * float_gelu
              + [{"regex": p, "operation": "*", "algorithm_key": "no_quantize"} for p in keep_float])
     q = quantizer.Quantizer(str(src), steps)
-    data = {signature: [{name: calibration_nhwc[i:i + 1]} for i in range(len(calibration_nhwc))]}
-    result = q.quantize(q.calibrate(data, num_threads=os.cpu_count() or 1))
+    images = [{name: calibration_nhwc[i:i + 1]} for i in range(len(calibration_nhwc))]
+    if calibration == "moving_average":
+        ranges = q.calibrate({signature: images}, num_threads=os.cpu_count() or 1)
+    else:
+        # ai-edge-quantizer's Calibrator with its statistics update replaced by the union, in
+        # one pass. Quantizer.calibrate does not take the update function, hence its recipe
+        # manager (private; ai-edge-quantizer is pinned in setup.cfg).
+        from ai_edge_quantizer import calibrator
+
+        calib = calibrator.Calibrator(src.read_bytes(), num_threads=os.cpu_count() or 1,
+                                      qsv_update_func=_union_of_ranges)
+        calib.calibrate({signature: images}, q._recipe_manager)
+        ranges = calib.get_model_qsvs()
+    result = q.quantize(ranges)
     result.export_model(str(dst), overwrite=True)
+
+
+def _union_of_ranges(seen: dict, new: dict) -> dict:
+    """ai-edge-quantizer statistics update: every tensor's min/max over all images so far."""
+    if not seen:
+        return new
+    return {**new, "min": np.minimum(seen["min"], new["min"]), "max": np.maximum(seen["max"], new["max"])}
 
 
 def _float16_recipe() -> list:

@@ -56,6 +56,9 @@ class MilInterpreter:
         self.ops = list(self.main.operations)
         self.input_name = next(iter(self.main.inputs))
         self.consts: dict[str, torch.Tensor | Any] = {}
+        # Per-op facts read once (coremltools builds op.inputs anew on every access).
+        self._inputs = {id(op): dict(op.inputs) for op in self.ops}
+        self._conv_params: dict[int, tuple] = {}
         for op in self.ops:
             if op.op_type == "const" or op.op_type.startswith("constexpr_"):
                 v = _const_value(op)
@@ -71,8 +74,10 @@ class MilInterpreter:
 
     @torch.no_grad()
     def run(self, image: np.ndarray) -> np.ndarray:
-        """``image``: float NCHW 0..255 RGB (what Core ML makes of an image input). Returns
-        the tensor the program feeds its ``classify`` op (probabilities), or its output."""
+        """``image``: float NCHW 0..255 RGB (what Core ML makes of an image input), any batch
+        size: every op is applied to the whole batch at once (the program's batch-1 reshapes
+        take the batch). Returns the tensor the program feeds its ``classify`` op
+        (probabilities), or its output."""
         env: dict[str, Any] = dict(self.consts)
         env[self.input_name] = torch.from_numpy(np.asarray(image, np.float32))
         result = None
@@ -80,7 +85,7 @@ class MilInterpreter:
             if op.op_type == "const" or op.op_type.startswith("constexpr_"):
                 continue
             if op.op_type == "classify":
-                result = env[op.inputs["probabilities"].name]
+                result = env[self._inputs[id(op)]["probabilities"].name]
                 continue
             out = self._eval(op, env)
             var = op.outputs[0]
@@ -117,9 +122,12 @@ class MilInterpreter:
             axes = [int(v) for v in np.atleast_1d(self._val(op, "axes", env))]
             return a("x").mean(dim=axes, keepdim=bool(self._val(op, "keep_dims", env)))
         if t == "reshape":
-            return a("x").reshape([int(v) for v in self._val(op, "shape", env)])
+            x, shape = a("x"), [int(v) for v in self._val(op, "shape", env)]
+            if shape and shape[0] == 1:   # the program is traced at batch 1; run() takes batches
+                shape[0] = x.shape[0]
+            return x.reshape(shape)
         if t == "linear":
-            bias = a("bias") if "bias" in op.inputs else None
+            bias = a("bias") if "bias" in self._inputs[id(op)] else None
             return F.linear(a("x"), a("weight"), bias)
         if t == "softmax":
             return torch.softmax(a("x"), dim=int(self._val(op, "axis", env)))
@@ -130,18 +138,29 @@ class MilInterpreter:
         raise MilError(f"MIL op {t!r} ({op.name}) is not supported by the interpreter")
 
     def _arg(self, op, name, env):
-        v = env[op.inputs[name].name]
+        v = env[self._inputs[id(op)][name].name]
         return v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v, np.float32))
 
     def _val(self, op, name, env):
-        if name not in op.inputs:
+        var = self._inputs[id(op)].get(name)
+        if var is None:
             return None
-        v = env.get(op.inputs[name].name, op.inputs[name].val)
+        v = env.get(var.name, var.val)
         return v.numpy() if isinstance(v, torch.Tensor) else v
 
     def _conv(self, op, env):
         x, w = self._arg(op, "x", env), self._arg(op, "weight", env)
-        bias = self._arg(op, "bias", env) if "bias" in op.inputs else None
+        bias = self._arg(op, "bias", env) if "bias" in self._inputs[id(op)] else None
+        if id(op) not in self._conv_params:
+            self._conv_params[id(op)] = self._conv_layout(op, env, x, w)
+        strides, dil, groups, pads = self._conv_params[id(op)]
+        left, right, top, bottom = pads
+        if left == right and top == bottom:   # zero padding inside the conv: no padded copy
+            return F.conv2d(x, w, bias, stride=strides, padding=(top, left), dilation=dil, groups=groups)
+        return F.conv2d(F.pad(x, [left, right, top, bottom]), w, bias, stride=strides, dilation=dil, groups=groups)
+
+    def _conv_layout(self, op, env, x, w) -> tuple:
+        """(strides, dilations, groups, (left, right, top, bottom) padding): constant per op."""
         strides = [int(s) for s in self._val(op, "strides", env)]
         dil = [int(d) for d in self._val(op, "dilations", env)]
         groups = int(self._val(op, "groups", env))
@@ -157,8 +176,7 @@ class MilInterpreter:
             top, bottom, left, right = ph // 2, ph - ph // 2, pw // 2, pw - pw // 2
         else:
             raise MilError(f"conv pad_type {pad_type!r} is not supported")
-        x = F.pad(x, [left, right, top, bottom])
-        return F.conv2d(x, w, bias, stride=strides, dilation=dil, groups=groups)
+        return strides, dil, groups, (left, right, top, bottom)
 
     def _qparams(self, op, env, x):
         scale = torch.as_tensor(np.asarray(self._val(op, "scale", env), np.float32))
@@ -176,9 +194,9 @@ class MilInterpreter:
         scale, zp = self._qparams(op, env, x)
         dtype = self._val(op, "output_dtype", env)
         lo, hi = (-128, 127) if dtype == "int8" else (0, 255)
-        return torch.clamp(torch.round(x / scale) + zp, lo, hi)
+        return torch.div(x, scale).round_().add_(zp).clamp_(lo, hi)
 
     def _dequantize(self, op, env):
         x = self._arg(op, "input", env)
         scale, zp = self._qparams(op, env, x)
-        return (x - zp) * scale
+        return torch.sub(x, zp).mul_(scale)

@@ -14,7 +14,7 @@ import torch
 
 from ..checkpoints import load_model
 from ..data import sample_images
-from ..formats import ExportContext, ExportError, get_exporter, normalized, softmax
+from ..formats import ExportContext, ExportError, get_exporter, kl_per_image, normalized, softmax
 from ..runner import facts_of
 from ..runtimes import alternate_latency, open_runtime
 from ..formats.coreml import CoreMLConfig
@@ -22,6 +22,7 @@ from ..formats.onnx import OnnxConfig
 from ..formats.tflite import TFLiteConfig
 from .qat import model_file
 from .reparam import preprocess_of
+from .validate import cpu_name, points_with_se
 
 Format = Literal["coreml", "onnx", "tflite"]
 
@@ -39,6 +40,14 @@ class ExportConfig:
             raise ValueError("formats is empty: name at least one of coreml, onnx, tflite")
         if len(set(self.formats)) != len(self.formats):
             raise ValueError(f"formats lists a format twice: {self.formats}")
+
+
+def for_format(fmt: str, cfg: ExportConfig) -> ExportConfig:
+    """``cfg`` as one format's export unit reads it: that format only, the other formats'
+    settings at their defaults (so changing one format's knob re-runs only that format)."""
+    defaults = ExportConfig()
+    return replace(cfg, formats=[fmt], **{f: getattr(cfg if f == fmt else defaults, f)
+                                          for f in ("coreml", "onnx", "tflite")})
 
 
 def artifact_stem(variant: str, scheme: str) -> str:
@@ -98,17 +107,8 @@ def measure_drop(pred: np.ndarray, labels: Optional[np.ndarray], float_pred: np.
     paired difference: top-1 points with ``labels``, else top-1 agreement points (the share
     of images whose class changes)."""
     if labels is None:
-        diff = (pred != float_pred).astype(np.float64)
-    else:
-        diff = (float_pred == labels).astype(np.float64) - (pred == labels)
-    return float(100 * diff.mean()), float(100 * diff.std(ddof=1) / np.sqrt(len(diff)))
-
-
-def kl_per_image(float_probs: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """KL(float || artifact) of each image's class probabilities: how far the artifact's
-    whole output moved, a continuous measure with far less variance than a flipped top-1."""
-    eps = 1e-12
-    return (float_probs * (np.log(float_probs + eps) - np.log(probs + eps))).sum(1)
+        return points_with_se(pred != float_pred)
+    return points_with_se((float_pred == labels).astype(np.float64) - (pred == labels))
 
 
 # A float layer is kept only when its KL gain is this many standard errors above zero.
@@ -227,8 +227,6 @@ def latency_vs_all_int8(fmt: str, ctx: ExportContext, all_int8: Path, pixel: np.
     shipped, plain = open_runtime(fmt, ctx.out_path, ctx.meta), open_runtime(fmt, all_int8, ctx.meta)
     if shipped.method != "measured":
         return {"method": "not measured", "details": f"{shipped.name} cannot be timed on this host"}
-    from .validate import cpu_name
-
     ms_shipped, ms_plain = alternate_latency([shipped, plain], pixel, warmup=5, runs=30)
     return {"shipped_ms": round(ms_shipped, 3), "all_int8_ms": round(ms_plain, 3),
             "ratio": round(ms_shipped / ms_plain, 3), "method": "measured",

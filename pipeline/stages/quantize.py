@@ -18,11 +18,12 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from ..checkpoints import load_model, parse, read_file
+from ..checkpoints import load_model, parse, read_file, save_pipeline_checkpoint
 from ..runner import facts_of
 from ..data import (DataConfig, DataError, budget_set, calibration_pixels, fingerprint_folder,
                     resolve_sets)
 from ..formats import normalized
+from ..models.equalize import equalize_residual_stream
 from ..sensitivity import layer_sensitivity
 from ..progress import Progress
 from .reparam import preprocess_of
@@ -45,6 +46,15 @@ class QuantizeConfig:
     max_float_layers: int = 16
     # A budget still missed after the pass: warn and ship the best attempt, or fail.
     on_budget_miss: Literal["warn", "error"] = "warn"
+    # int8: equalize the residual stream's channel ranges on the calibration images before
+    # any format calibrates (pipeline/models/equalize.py; README: measured per format).
+    equalize: bool = True
+    equalize_alpha: float = 0.5
+
+    def validate(self):
+        if not 0.0 < self.equalize_alpha <= 1.0:
+            raise ValueError(f"equalize_alpha {self.equalize_alpha} is outside (0, 1] (0.5 balances "
+                             "activation and weight resolution)")
 
 
 def fingerprint(cfg: QuantizeConfig, data: DataConfig) -> dict:
@@ -99,6 +109,12 @@ def run(cfg: QuantizeConfig, inputs: dict, out_dir: Path, data: DataConfig) -> d
                 "a larger DATA")
         np.save(out_dir / "calibration_pixels.npy", pixels)
         facts["calibration"] = {"images": int(len(pixels)), "source": sets.calib_description}
+        if cfg.equalize and cfg.scheme == "int8":
+            # Not after QAT: its student learned under the unequalized ranges.
+            model, _ = load_model(out_dir / "model.pt")
+            equalized, facts["equalization"] = equalize_residual_stream(
+                model, torch.from_numpy(normalized(pixels, ckpt.meta)), cfg.equalize_alpha)
+            save_pipeline_checkpoint(out_dir / "model.pt", equalized, ckpt.meta)
         if cfg.max_drop is not None:
             facts["budget_set"] = _prepare_budget(cfg, ckpt, sets, data, pixels, out_dir)
     return facts

@@ -1,25 +1,25 @@
-"""Stage 5: every artifact in its own runtime: accuracy (with labels), fidelity to the
-float PyTorch reference (always), and host latency; each figure says how it was got."""
+"""Stage 5, one unit per format: the artifact in its own runtime: accuracy (with labels),
+fidelity to the float PyTorch reference (always), and host latency; each figure says how
+it was got. The scored images and the reference logits are the ``images`` and
+``reference`` stages' (computed once for all formats)."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
-from ..checkpoints import load_model
-from ..data import DataConfig, fingerprint_folder, open_image, resolve_sets, sample_images
-from ..formats import normalized, softmax
+from ..data import sample_images
+from ..formats import kl_per_image, softmax
 from ..progress import Progress
 from ..runner import facts_of
 from ..runtimes import open_runtime
+from .images import scored, scoring_meta
 from .reparam import preprocess_of
 
 
@@ -33,14 +33,18 @@ class ValidateConfig:
     iphone: bool = True            # iPhone latency of Core ML artifacts: measured if a device
                                    # is attached (macOS), else estimated
     crop_pct: Optional[float] = None  # evaluation crop; default: the model's
+    workers: int = 0               # image-decoding processes for large DATA (0: one per core, up to 8)
 
     def validate(self):
         if self.latency_runs < 1 or self.batch_size < 1:
             raise ValueError("latency_runs and batch_size must be at least 1")
+        if self.workers < 0:
+            raise ValueError("workers must be 0 (one per core) or more")
 
 
-def fingerprint(cfg: ValidateConfig, data: DataConfig) -> dict:
-    return {"eval": fingerprint_folder(data.eval), "calib": fingerprint_folder(data.calib)}
+def narrow(cfg: ValidateConfig) -> ValidateConfig:
+    """What one format's validation reads (the images and their decoding are the ``images`` stage's)."""
+    return replace(cfg, fidelity_images=0, workers=0)
 
 
 def cpu_name() -> str:
@@ -56,14 +60,18 @@ def cpu_name() -> str:
 
 # ---------------------------------------------------------------- metrics
 
-def fidelity(reference: np.ndarray, scores: np.ndarray) -> dict:
-    """Top-1 agreement, mean cosine and SQNR (dB) of ``scores`` against ``reference``."""
+def fidelity(reference: np.ndarray, scores: np.ndarray, float_probs: Optional[np.ndarray] = None,
+             probs: Optional[np.ndarray] = None) -> dict:
+    """Top-1 agreement, mean cosine and SQNR (dB) of ``scores`` against ``reference`` (both
+    logits or both probabilities), and, given both models' class probabilities, the mean
+    KL(float || artifact)."""
     num = (reference * scores).sum(1)
     den = np.linalg.norm(reference, axis=1) * np.linalg.norm(scores, axis=1) + 1e-30
     noise = ((reference - scores) ** 2).sum()
     sqnr = float("inf") if noise == 0 else float(10 * np.log10((reference ** 2).sum() / noise))
     return {"top1_agreement": float((reference.argmax(1) == scores.argmax(1)).mean()),
-            "cosine": float((num / den).mean()), "sqnr_db": sqnr, "n": int(len(reference))}
+            "cosine": float((num / den).mean()), "sqnr_db": sqnr, "n": int(len(reference)),
+            **({"mean_kl": float(kl_per_image(float_probs, probs).mean())} if probs is not None else {})}
 
 
 def accuracy(scores: np.ndarray, labels: np.ndarray, dataset: str) -> dict:
@@ -72,12 +80,19 @@ def accuracy(scores: np.ndarray, labels: np.ndarray, dataset: str) -> dict:
             "n": int(len(labels)), "dataset": dataset}
 
 
+def points_with_se(diff: np.ndarray) -> tuple[float, float]:
+    """Mean of a per-image paired difference (1, 0 or -1 per image) in points, and its
+    standard error."""
+    d = np.asarray(diff, np.float64)
+    se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return float(100 * d.mean()), float(100 * se)
+
+
 def paired_drop(reference: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> dict:
     """Top-1 points lost against the float model on the same images, and the standard error
     of that paired difference (only images where exactly one of the two is right count)."""
-    d = (reference.argmax(1) == labels).astype(np.float64) - (scores.argmax(1) == labels)
-    se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return {"points": float(100 * d.mean()), "standard_error": float(100 * se)}
+    points, se = points_with_se((reference.argmax(1) == labels).astype(np.float64) - (scores.argmax(1) == labels))
+    return {"points": points, "standard_error": se}
 
 
 def measure_latency(call, warmup: int, runs: int) -> dict:
@@ -95,78 +110,45 @@ def measure_latency(call, warmup: int, runs: int) -> dict:
 
 # ---------------------------------------------------------------- the stage
 
-def _image_batches(sets, cfg: ValidateConfig, pre):
-    """(pixels uint8 NHWC, labels or None) batches, and a description of the images."""
-    if sets.eval is not None:
-        paths, labels = sets.eval.paths, np.asarray(sets.eval.labels)
-
-        def gen():
-            for s in range(0, len(paths), cfg.batch_size):
-                yield (np.stack([pre.pixels(open_image(p)) for p in paths[s:s + cfg.batch_size]]),
-                       labels[s:s + cfg.batch_size])
-        return gen(), len(paths), sets.eval_description
-    images = sample_images(cfg.fidelity_images, seed=2)
-
-    def gen():
-        for s in range(0, len(images), cfg.batch_size):
-            yield np.stack([pre.pixels(im) for im in images[s:s + cfg.batch_size]]), None
-    return gen(), len(images), (f"{len(images)} natural sample photos (scikit-image's bundled "
-                                "images, crops and flips): label-free fidelity only")
-
-
-def run(cfg: ValidateConfig, inputs: dict, out_dir: Path, data: DataConfig) -> dict:
-    export_dir = inputs["export"]
-    exported = facts_of(export_dir)
-    reference, ckpt = load_model(inputs["reparam"] / "fused.pt")
-    meta = dict(ckpt.meta)
-    if cfg.crop_pct:
-        meta["crop_pct"] = cfg.crop_pct
-    pre = preprocess_of(meta)
-    sets = resolve_sets(data, meta["classes"])
-    artifacts = [a for a in exported["artifacts"] if a.get("path")]
-    runtimes = {a["format"]: open_runtime(a["format"], export_dir / a["path"], meta) for a in artifacts}
-    batches, n, eval_desc = _image_batches(sets, cfg, pre)
-    ref_scores, scores, labels = [], {f: [] for f in runtimes}, []
-    with Progress(n, f"evaluating {len(runtimes) + 1} models on images") as bar:
-        for pixels, y in batches:
-            with torch.no_grad():
-                ref_scores.append(reference(torch.from_numpy(normalized(pixels, meta))).numpy())
-            for f, rt in runtimes.items():
-                scores[f].append(rt.predict(pixels))
-            if y is not None:
-                labels.append(y)
-            bar.update(len(pixels))
-    ref = np.concatenate(ref_scores)
-    y = np.concatenate(labels) if labels else None
-    dataset = sets.eval.name if sets.eval is not None else None
-    out = {"eval_images": eval_desc, "calibration_images": sets.calib_description,
-           "preprocess": {k: meta[k] for k in ("input_size", "crop_pct", "interpolation", "mean", "std")},
-           "reference": {"format": "pytorch", "runtime": f"PyTorch {torch.__version__} float32 (fused)",
-                         "accuracy": accuracy(ref, y, dataset) if y is not None else None},
-           "artifacts": []}
-    pixel = sets_pixel(pre)
-    threads_all = os.cpu_count() or 1
-    for a in artifacts:
-        f, rt = a["format"], runtimes[a["format"]]
-        s = np.concatenate(scores[f])
-        target = softmax(ref) if rt.outputs == "probabilities" else ref
-        entry = {"format": f, "runtime": rt.name, "method": rt.method, "outputs": rt.outputs,
-                 "accuracy": ({**accuracy(s, y, dataset), "drop_vs_float": paired_drop(ref, s, y)}
-                              if y is not None else None),
-                 "fidelity": fidelity(target, s), "latency": []}
-        if rt.method == "measured":
-            for t in cfg.threads:
-                threads = t or threads_all
-                timed = open_runtime(f, export_dir / a["path"], meta, threads)
-                lat = measure_latency(timed.invoker(pixel), cfg.latency_warmup, cfg.latency_runs)
-                entry["latency"].append({"target": f"host ({threads} thread{'s' * (threads > 1)})",
-                                         "runtime": rt.name, **lat, "method": "measured",
-                                         "details": f"{cpu_name()}, batch 1, {cfg.latency_warmup} "
-                                                    f"warm-up + {cfg.latency_runs} runs"})
-        if f == "coreml" and cfg.iphone:
-            entry["latency"] += iphone_latency(export_dir / a["path"], cfg.latency_runs)
-        out["artifacts"].append(entry)
-    return out
+def run(fmt: str, cfg: ValidateConfig, inputs: dict, out_dir: Path) -> dict:
+    """One format's artifact (``export.<fmt>``) scored on the ``images`` entry, against
+    the ``reference`` logits, and timed. Its own cached unit: a failing runtime costs only
+    this format."""
+    export_dir = inputs[f"export.{fmt}"]
+    artifacts = [a for a in facts_of(export_dir)["artifacts"] if a.get("path")]
+    if not artifacts:
+        return {"artifacts": []}
+    (a,) = artifacts
+    meta = scoring_meta(inputs["reparam"], cfg.crop_pct)
+    pixels, y = scored(inputs["images"])
+    ref = np.load(inputs["reference"] / "logits.npy", mmap_mode="r")
+    rt = open_runtime(fmt, export_dir / a["path"], meta)
+    chunks = []
+    with Progress(len(pixels), f"{fmt}: scoring images in {rt.name}") as bar:
+        for s in range(0, len(pixels), cfg.batch_size):
+            chunks.append(rt.predict(np.asarray(pixels[s:s + cfg.batch_size])))
+            bar.update(len(chunks[-1]))
+    s, ref = np.concatenate(chunks), np.asarray(ref)
+    dataset = facts_of(inputs["images"])["dataset"]
+    probs = s if rt.outputs == "probabilities" else softmax(s)
+    target = softmax(ref) if rt.outputs == "probabilities" else ref
+    entry = {"format": fmt, "runtime": rt.name, "method": rt.method, "outputs": rt.outputs,
+             "accuracy": ({**accuracy(s, y, dataset), "drop_vs_float": paired_drop(ref, s, y)}
+                          if y is not None else None),
+             "fidelity": fidelity(target, s, softmax(ref), probs), "latency": []}
+    if rt.method == "measured":
+        pixel = sets_pixel(preprocess_of(meta))
+        for t in cfg.threads:
+            threads = t or os.cpu_count() or 1
+            timed = open_runtime(fmt, export_dir / a["path"], meta, threads)
+            lat = measure_latency(timed.invoker(pixel), cfg.latency_warmup, cfg.latency_runs)
+            entry["latency"].append({"target": f"host ({threads} thread{'s' * (threads > 1)})",
+                                     "runtime": rt.name, **lat, "method": "measured",
+                                     "details": f"{cpu_name()}, batch 1, {cfg.latency_warmup} "
+                                                f"warm-up + {cfg.latency_runs} runs"})
+    if fmt == "coreml" and cfg.iphone:
+        entry["latency"] += iphone_latency(export_dir / a["path"], cfg.latency_runs)
+    return {"artifacts": [entry]}
 
 
 def iphone_latency(path: Path, runs: int) -> list[dict]:

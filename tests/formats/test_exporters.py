@@ -65,6 +65,9 @@ def test_coreml_fp32_package_and_interpreter(trained, tmp_path):
     probs = np.concatenate([interp.run(x[i:i + 1]) for i in range(len(x))])
     want = softmax(reference_logits(trained, trained.check[:16]))
     assert np.abs(probs - want).max() <= 1e-5 * np.abs(want).max()
+    # One batch through the batch-1 program (reshapes take the batch) gives the same rows.
+    batched = interp.run(x)
+    assert batched.shape == probs.shape and np.abs(batched - probs).max() <= 1e-6
 
 
 def test_coreml_fp16_weights_within_fp16_rounding(trained, tmp_path):

@@ -172,7 +172,7 @@ def test_sensitivity_ranks_every_layer_most_harmful_first(trained):
     assert ranking[0]["sqnr_db"] < ranking[1]["sqnr_db"] - 10
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "coreml", "tflite"])
+@pytest.mark.parametrize("fmt", ["onnx", pytest.param("coreml", marks=pytest.mark.slow), "tflite"])
 def test_float_layers_stay_float(fmt, trained, tmp_path):
     from dataclasses import replace
 
@@ -274,6 +274,7 @@ def test_accuracy_aware_pass_keeps_layers_until_the_budget_holds(trained, tmp_pa
         export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant, error)
 
 
+@pytest.mark.slow   # the pass itself is in the default run (the test above)
 def test_without_labels_the_budget_is_in_agreement_points(trained, tmp_path):
     """No labels: the drop is the share of held-out images whose class the artifact changes,
     measured in its runtime (onnxruntime here) against the float model."""
@@ -308,3 +309,32 @@ def test_without_labels_the_budget_is_in_agreement_points(trained, tmp_path):
     assert budget == {"checked": False, "reason": "untrained weights: ..."}
 
 
+
+
+def _logit_range(path):
+    """The (min, max) that the int8 tensor feeding the TFLite softmax can represent."""
+    from pipeline.formats.tflite import interpreter
+
+    it = interpreter(path)
+    by_index = {d["index"]: d for d in it.get_tensor_details()}
+    (softmax_op,) = [o for o in it._get_ops_details() if o["op_name"] == "SOFTMAX"]
+    dequantize = next(o for o in it._get_ops_details() if softmax_op["inputs"][0] in o["outputs"])
+    q = by_index[dequantize["inputs"][0]]["quantization_parameters"]
+    scale, zero = float(q["scales"][0]), int(q["zero_points"][0])
+    return (-128 - zero) * scale, (127 - zero) * scale
+
+
+def test_tflite_min_max_ranges_cover_every_calibration_image(trained, tmp_path):
+    """ai-edge-quantizer's own statistics (a moving average of each image's min/max) clip
+    the logits of the less typical calibration images; min_max covers all of them."""
+    from pipeline.formats.tflite import TFLiteConfig
+
+    logits = reference_logits(trained, trained.calibration)
+    lo, hi = float(logits.min()), float(logits.max())
+    r = export("tflite", "int8", trained, tmp_path / "mm", TFLiteConfig(calibration="min_max"))
+    mm_lo, mm_hi = _logit_range(r.path)
+    step = (mm_hi - mm_lo) / 255
+    assert mm_lo <= lo + step and mm_hi >= hi - step, ((mm_lo, mm_hi), (lo, hi))
+    r = export("tflite", "int8", trained, tmp_path / "ma", TFLiteConfig(calibration="moving_average"))
+    ma_lo, ma_hi = _logit_range(r.path)
+    assert ma_hi - ma_lo < 0.9 * (mm_hi - mm_lo), "the moving average clips (why min_max is the default)"

@@ -1,0 +1,114 @@
+"""Stage: the scored images, decoded and preprocessed once.
+
+The uint8 crops go to a memory-mapped ``pixels.npy`` that the float reference and every
+format's validation read in batches, so memory does not grow with the number of images
+and nothing is decoded twice. The key depends only on the data listing and the
+preprocessing, so every scheme of a ``make compare`` shares one entry. Decoding runs in
+worker processes (torch's DataLoader)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..checkpoints import parse, read_file
+from ..data import DataConfig, Preprocess, fingerprint_folder, open_image, resolve_sets, sample_images
+from ..progress import Progress
+from .reparam import preprocess_of
+
+
+@dataclass
+class ImagesConfig:
+    """The part of ``validate`` that decides which pixels are scored."""
+    crop_pct: Optional[float]
+    fidelity_images: int
+    workers: int
+
+
+def narrow(cfg) -> ImagesConfig:
+    return ImagesConfig(cfg.crop_pct, cfg.fidelity_images, cfg.workers)
+
+
+def fingerprint(cfg: ImagesConfig, data: DataConfig) -> dict:
+    # CALIB too: without it, calibration images are held out of DATA and the scored set changes.
+    return {"eval": fingerprint_folder(data.eval), "calib": fingerprint_folder(data.calib)}
+
+
+def scoring_meta(reparam_dir: Path, crop_pct: Optional[float]) -> dict:
+    """The fused model's preprocessing facts, with validate's evaluation crop if set."""
+    meta = dict(parse(read_file(reparam_dir / "fused.pt")).meta)
+    if crop_pct:
+        meta["crop_pct"] = crop_pct
+    return meta
+
+
+class _Decode:
+    """Path -> uint8 crop; a picklable dataset for DataLoader workers."""
+
+    def __init__(self, paths: tuple[Path, ...], pre: Preprocess):
+        self.paths, self.pre = paths, pre
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.pre.pixels(open_image(self.paths[i]))
+
+
+def workers_for(n: int, asked: int) -> int:
+    """0 (decode in this process) for small sets, where starting workers costs more."""
+    if n < 512:
+        return 0
+    return asked if asked > 0 else max(1, min(8, (os.cpu_count() or 1)))
+
+
+def decode_into(out: np.ndarray, paths: tuple[Path, ...], pre: Preprocess, workers: int, progress=None,
+                batch: int = 64) -> None:
+    from torch.utils.data import DataLoader
+
+    # forkserver: forking this (multi-threaded, torch) process is unsafe.
+    loader = DataLoader(_Decode(paths, pre), batch_size=batch, num_workers=workers,
+                        collate_fn=np.stack, prefetch_factor=4 if workers else None,
+                        multiprocessing_context="forkserver" if workers else None)
+    start = 0
+    for pixels in loader:
+        out[start:start + len(pixels)] = pixels
+        start += len(pixels)
+        if progress:
+            progress(len(pixels))
+
+
+def run(cfg: ImagesConfig, inputs: dict, out_dir: Path, data: DataConfig) -> dict:
+    meta = scoring_meta(inputs["reparam"], cfg.crop_pct)
+    pre = preprocess_of(meta)
+    sets = resolve_sets(data, meta["classes"])
+    shape = (pre.size, pre.size, 3)
+    if sets.eval is not None:
+        n = len(sets.eval)
+        pixels = np.lib.format.open_memmap(out_dir / "pixels.npy", "w+", np.uint8, (n, *shape))
+        workers = workers_for(n, cfg.workers)
+        with Progress(n, f"decoding scored images ({workers or 'no'} workers)") as bar:
+            decode_into(pixels, sets.eval.paths, pre, workers, bar.update)
+        pixels.flush()
+        del pixels
+        np.save(out_dir / "labels.npy", np.asarray(sets.eval.labels, np.int64))
+        desc = sets.eval_description
+    else:
+        images = sample_images(cfg.fidelity_images, seed=2)
+        n = len(images)
+        np.save(out_dir / "pixels.npy", np.stack([pre.pixels(im) for im in images]))
+        desc = (f"{n} natural sample photos (scikit-image's bundled images, crops and flips): "
+                "label-free fidelity only")
+    return {"images": n, "eval_images": desc, "calibration_images": sets.calib_description,
+            "dataset": sets.eval.name if sets.eval is not None else None,
+            "preprocess": {k: meta[k] for k in ("input_size", "crop_pct", "interpolation", "mean", "std")}}
+
+
+def scored(images_dir: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(pixels, memory-mapped uint8 NHWC; labels or None) of an ``images`` entry."""
+    labels = images_dir / "labels.npy"
+    return (np.load(images_dir / "pixels.npy", mmap_mode="r"),
+            np.load(labels) if labels.exists() else None)

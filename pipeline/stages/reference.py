@@ -1,0 +1,42 @@
+"""Stage: the float model's logits on the scored images, computed once and shared by every
+format's validation (and every scheme of a compare: the key depends on the fused model and
+the images only)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoints import load_model
+from ..formats import normalized
+from ..progress import Progress
+from ..runner import facts_of
+from .images import scored
+from .validate import accuracy
+
+
+@dataclass
+class ReferenceConfig:
+    batch_size: int
+
+
+def narrow(cfg) -> ReferenceConfig:
+    return ReferenceConfig(cfg.batch_size)
+
+
+def run(cfg: ReferenceConfig, inputs: dict, out_dir: Path) -> dict:
+    model, ckpt = load_model(inputs["reparam"] / "fused.pt")
+    pixels, labels = scored(inputs["images"])
+    logits = np.lib.format.open_memmap(out_dir / "logits.npy", "w+", np.float32,
+                                       (len(pixels), ckpt.num_classes))
+    step = max(cfg.batch_size, 64)
+    with Progress(len(pixels), "float reference on images") as bar, torch.no_grad():
+        for s in range(0, len(pixels), step):
+            logits[s:s + step] = model(torch.from_numpy(normalized(pixels[s:s + step], ckpt.meta))).numpy()
+            bar.update(len(pixels[s:s + step]))
+    logits.flush()
+    dataset = facts_of(inputs["images"])["dataset"]
+    return {"format": "pytorch", "runtime": f"PyTorch {torch.__version__} float32 (fused)",
+            "accuracy": accuracy(np.asarray(logits), labels, dataset) if labels is not None else None}
