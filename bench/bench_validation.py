@@ -24,6 +24,7 @@ from bench.shared import ROOT, require_shared, unpacked  # noqa: E402
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--target-images", type=int, default=50_000)
+    ap.add_argument("--processes", type=int, default=1, help="validate.processes: torchrun processes per format")
     args = ap.parse_args()
     require_shared()
     import numpy as np
@@ -39,14 +40,16 @@ def main():
     opts = RunOptions(quant="int8", variant="m0.9", checkpoint="random", data=str(val),
                       artifacts=ROOT / "artifacts" / "bench-validation",
                       sets=("validate.latency_runs=3", "validate.threads=[1]", "validate.iphone=false",
-                            "data.calib_images=64", "quantize.max_drop=null"),
+                            "data.calib_images=64", "quantize.max_drop=null",
+                            f"validate.processes={args.processes}"),
                       force=("images", "reference", "validate"))
     rep, _ = deploy(opts, log_stderr)
     seconds = {s["name"]: s["seconds"] for s in rep["stages"]}
     n = rep["artifacts"][0]["fidelity"]["n"]
     scoring = ["images", "reference"] + [f"validate.{a['format']}" for a in rep["artifacts"]]
     total = sum(seconds[s] for s in scoring)
-    print(f"\nm0.9 int8, 224 px, {n} ImageNet photos, {cpu_name()}, measured per stage:")
+    print(f"\nm0.9 int8, 224 px, {n} ImageNet photos, {cpu_name()}, validate.processes={args.processes}, "
+          "measured per stage:")
     for s in scoring:
         print(f"  {s:16} {seconds[s]:7.1f} s  {n / seconds[s]:7.1f} images/s")
     scale = args.target_images / n

@@ -95,6 +95,7 @@ def build(variant: str, quant: str, recipe_name: str, records: dict) -> dict:
         "preprocess": validated.get("preprocess") or {k: load.get(k) for k in
                                                       ("input_size", "crop_pct", "interpolation", "mean", "std")},
         "data": {"eval": validated.get("eval_images"), "calibration": _calibration(records)},
+        "equalization": (records["quantize"].facts if "quantize" in records else {}).get("equalization"),
         "reference": validated.get("reference"),
         "qat": _qat(records["qat"].facts) if "qat" in records else None,
         "stages": [{"name": r.name, "key": r.key, "cache_hit": r.cache_hit, "seconds": round(r.seconds, 3),
@@ -202,7 +203,13 @@ def markdown(r: dict) -> str:
               f"- Preprocessing: {p['input_size']}px, crop_pct {p['crop_pct']}, {p['interpolation']}, "
               f"mean {p['mean']}, std {p['std']}",
               f"- Evaluation images: {r['data']['eval']}",
-              f"- Calibration images: {r['data']['calibration']}", ""]
+              f"- Calibration images: {r['data']['calibration']}"]
+    eq = r.get("equalization")
+    if eq:
+        lines.append(f"- Before int8: {eq['method']} on the calibration images; channel-range spread "
+                     f"(max / median, median over {eq['tensors']} stream tensors) {eq['range_spread_before']} "
+                     f"-> {eq['range_spread_after']}; the float function is unchanged")
+    lines.append("")
     ref = r.get("reference") or {}
     if ref.get("accuracy"):
         a = ref["accuracy"]

@@ -36,7 +36,7 @@ STAGES = {s.name: s for s in [
     # Core ML's QAT trains under the activation scheme its int8 export calibrates with.
     Stage("qat", qat.run, needs=("reparam",), sections=("data", "export.coreml"), fingerprint=qat.fingerprint,
           resumable=True,
-          code=("pipeline.stages.qat", "pipeline.training", "pipeline.fakequant", *MODEL_CODE, *DATA_CODE),
+          code=("pipeline.stages.qat", "pipeline.training", "pipeline.fakequant", "pipeline.torchrun", *MODEL_CODE, *DATA_CODE),
           libraries=("torch", "torchao", "coremltools", "pillow")),
     Stage("quantize", quantize.run, needs=("reparam",), uses=("qat",), sections=("data",),
           fingerprint=quantize.fingerprint,
@@ -47,7 +47,7 @@ STAGES = {s.name: s for s in [
 
 EXPORT_CODE = ("pipeline.stages.export", "pipeline.stages.qat", "pipeline.stages.validate", "pipeline.runtimes", *MODEL_CODE, *DATA_CODE,
                *FORMAT_CODE)
-VALIDATE_CODE = ("pipeline.stages.validate", "pipeline.stages.images", "pipeline.runtimes", "pipeline.latency",
+VALIDATE_CODE = ("pipeline.stages.validate", "pipeline.stages.images", "pipeline.scoring", "pipeline.torchrun", "pipeline.runtimes", "pipeline.latency",
                  *MODEL_CODE, *DATA_CODE, *FORMAT_CODE)
 
 

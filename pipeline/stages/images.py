@@ -69,10 +69,10 @@ def decode_into(out: np.ndarray, paths: tuple[Path, ...], pre: Preprocess, worke
                 batch: int = 64) -> None:
     from torch.utils.data import DataLoader
 
-    # forkserver: forking this (multi-threaded, torch) process is unsafe.
+    # DataLoader's default start method (fork on Linux): forkserver and spawn re-run the
+    # caller's __main__ in every worker, which breaks scripts that call deploy() unguarded.
     loader = DataLoader(_Decode(paths, pre), batch_size=batch, num_workers=workers,
-                        collate_fn=np.stack, prefetch_factor=4 if workers else None,
-                        multiprocessing_context="forkserver" if workers else None)
+                        collate_fn=np.stack, prefetch_factor=4 if workers else None)
     start = 0
     for pixels in loader:
         out[start:start + len(pixels)] = pixels

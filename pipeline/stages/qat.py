@@ -11,8 +11,6 @@ interruption (the runner keeps a scratch folder per cache key until the stage co
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from ..data import DataConfig, fingerprint_folder, resolve_sets, training_pixels
 from ..fakequant import BACKEND_OF_FORMAT
 from ..formats.coreml import CoreMLConfig
 from ..progress import Progress
+from ..torchrun import torchrun
 from ..training import RESULT, Job, Schedule, train
 from .reparam import preprocess_of
 
@@ -92,13 +91,9 @@ def launch(job_dir: Path, nproc: int) -> None:
     if nproc == 1:
         train(job_dir)
         return
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "pipeline.training", str(job_dir)]
-    print(f"    torchrun: {' '.join(cmd[3:])}", file=sys.stderr)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    done = subprocess.run(cmd, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"distributed QAT failed (torchrun exit {done.returncode}); its checkpoint "
+    code = torchrun("pipeline.training", [str(job_dir)], nproc)
+    if code != 0:
+        raise RuntimeError(f"distributed QAT failed (torchrun exit {code}); its checkpoint "
                            f"stays in {job_dir}: run again to resume")
 
 

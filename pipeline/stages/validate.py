@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -14,6 +15,7 @@ from typing import Optional
 
 import numpy as np
 
+from .. import scoring
 from ..data import sample_images
 from ..formats import kl_per_image, softmax
 from ..progress import Progress
@@ -34,12 +36,15 @@ class ValidateConfig:
                                    # is attached (macOS), else estimated
     crop_pct: Optional[float] = None  # evaluation crop; default: the model's
     workers: int = 0               # image-decoding processes for large DATA (0: one per core, up to 8)
+    processes: int = 1             # > 1: each format scored by this many processes under torchrun
 
     def validate(self):
         if self.latency_runs < 1 or self.batch_size < 1:
             raise ValueError("latency_runs and batch_size must be at least 1")
         if self.workers < 0:
             raise ValueError("workers must be 0 (one per core) or more")
+        if self.processes < 1:
+            raise ValueError("processes must be at least 1 (1: score in this process)")
 
 
 def narrow(cfg: ValidateConfig) -> ValidateConfig:
@@ -123,12 +128,12 @@ def run(fmt: str, cfg: ValidateConfig, inputs: dict, out_dir: Path) -> dict:
     pixels, y = scored(inputs["images"])
     ref = np.load(inputs["reference"] / "logits.npy", mmap_mode="r")
     rt = open_runtime(fmt, export_dir / a["path"], meta)
-    chunks = []
-    with Progress(len(pixels), f"{fmt}: scoring images in {rt.name}") as bar:
-        for s in range(0, len(pixels), cfg.batch_size):
-            chunks.append(rt.predict(np.asarray(pixels[s:s + cfg.batch_size])))
-            bar.update(len(chunks[-1]))
-    s, ref = np.concatenate(chunks), np.asarray(ref)
+    how = f"{cfg.processes} processes (torchrun)" if cfg.processes > 1 else rt.name
+    with Progress(len(pixels), f"{fmt}: scoring images in {how}") as bar:
+        s = scoring.score(fmt, export_dir / a["path"], meta, inputs["images"] / "pixels.npy", cfg.batch_size,
+                          cfg.processes, out_dir / ".shards", bar.update)
+    shutil.rmtree(out_dir / ".shards", ignore_errors=True)
+    ref = np.asarray(ref)
     dataset = facts_of(inputs["images"])["dataset"]
     probs = s if rt.outputs == "probabilities" else softmax(s)
     target = softmax(ref) if rt.outputs == "probabilities" else ref

@@ -79,9 +79,13 @@ def test_default_deploy_int8_tflite_is_one_partition(tmp_path):
                                         "export.check_images=2")), [])]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    (tfl,) = json.loads(out.stdout)["artifacts"]
+    rep = json.loads(out.stdout)
+    (tfl,) = rep["artifacts"]
+    eq = rep["equalization"]   # int8 equalizes the residual stream first, and says so
+    assert eq["range_spread_after"] < eq["range_spread_before"], eq
     e = tfl["export"]["execution"]
     assert (e["xnnpack_partitions"], e["ops_outside_xnnpack"]) == (1, {}), e
     md = (tmp_path / "m0.9-int8" / "report.md").read_text()
     assert "## How each artifact executes" in md and "1 partition, every op inside XNNPACK" in md
     assert "Off the fast path" not in md
+    assert "residual-stream range equalization (alpha 0.5" in md
