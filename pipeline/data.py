@@ -216,6 +216,12 @@ def class_index_for(classes: Sequence[str]) -> dict[str, int]:
     return index
 
 
+def fingerprint_data(cfg: DataConfig) -> dict:
+    """The cache key part of the data section's folders (CALIB too wherever DATA is read:
+    without CALIB, calibration images are held out of DATA, which changes both sets)."""
+    return {"calib": fingerprint_folder(cfg.calib), "eval": fingerprint_folder(cfg.eval)}
+
+
 _FINGERPRINTS: dict[str, tuple[tuple, str]] = {}   # folder -> (its folders' mtimes, fingerprint)
 
 

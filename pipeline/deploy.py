@@ -68,9 +68,8 @@ class DiskFull(OSError):
 
 
 DISK_FULL = ("the disk is full while writing {what}. Nothing was half-written (each cache entry and "
-             "the deploy folder appear whole or not at all) and finished stages stay cached: free space "
-             "(`python -m pipeline cache clean --older-than 7d` removes old cache entries) or point "
-             "ARTIFACTS=<folder on a larger disk>, then run the same command again")
+             "the deploy folder appear whole or not at all) and finished stages stay cached: "
+             + report_mod.FREE_SPACE)
 
 
 @contextlib.contextmanager

@@ -33,9 +33,9 @@ RETRY = ("the other formats shipped. Run the same command again to retry only th
          "persists, it is the converter's or runtime's: pin its previous version in setup.cfg")
 
 
-NO_SPACE = ("free disk space (`python -m pipeline cache clean --older-than 7d` removes old cache "
-            "entries) or point ARTIFACTS=<folder on a larger disk>, then run the same command again: "
-            "only this format runs")
+FREE_SPACE = ("free disk space (`python -m pipeline cache clean --older-than 7d` removes old cache "
+              "entries) or point ARTIFACTS=<folder on a larger disk>, then run the same command again")
+NO_SPACE = FREE_SPACE + ": only this format runs"
 
 
 def failures(records: dict) -> list[dict]:
@@ -50,24 +50,26 @@ def failures(records: dict) -> list[dict]:
 
 
 def export_dirs(records: dict) -> dict[str, Path]:
-    """Each format's export folder, where that format's unit succeeded and was validated."""
-    return {name.partition(".")[2]: r.dir for name, r in records.items()
-            if name.startswith("export.") and not r.error
-            and not (records.get("validate." + name.partition(".")[2]) or r).error}
+    """Each format's export folder, where that format's export succeeded and its validation
+    (if the recipe runs one) did too."""
+    out = {}
+    for name, r in records.items():
+        stage, _, fmt = name.partition(".")
+        validated = records.get(f"validate.{fmt}")
+        if stage == "export" and not r.error and not (validated and validated.error):
+            out[fmt] = r.dir
+    return out
 
 
 def build(variant: str, quant: str, recipe_name: str, records: dict) -> dict:
     """The report contract. ``records`` are the runner's StageRecords by stage name."""
     load = records["load"].facts
-    dirs = export_dirs(records)
     images = records["images"].facts if "images" in records else {}
-    validated = {"eval_images": images.get("eval_images"), "calibration_images": images.get("calibration_images"),
-                 "preprocess": images.get("preprocess"),
-                 "reference": records["reference"].facts if "reference" in records else None}
+    reference = records["reference"].facts if "reference" in records else None
     by_format = {a["format"]: a for name, r in records.items() if name.startswith("validate.") and not r.error
                  for a in r.facts["artifacts"]}
     artifacts, skipped = [], []
-    for fmt, folder in dirs.items():
+    for folder in export_dirs(records).values():
         for a in facts_of(folder)["artifacts"]:
             if not a.get("path"):
                 skipped.append({"format": a["format"], "reason": a["skipped"]})
@@ -79,7 +81,7 @@ def build(variant: str, quant: str, recipe_name: str, records: dict) -> dict:
                 "runtime": v.get("runtime"), "method": v.get("method"),
                 "accuracy": v.get("accuracy"), "fidelity": v.get("fidelity"), "latency": v.get("latency", []),
                 "export": {k: val for k, val in a.items() if k not in ("format", "path")}})
-    budget_of(artifacts, records, validated.get("reference"))
+    budget_of(artifacts, records, reference)
     weights = load["weights"]
     notes = []
     if not weights["trained"]:
@@ -92,11 +94,11 @@ def build(variant: str, quant: str, recipe_name: str, records: dict) -> dict:
         "variant": variant, "quant": quant, "recipe": recipe_name,
         "weights": {"source": weights["source"], "sha256": weights["sha256"], "trained": weights["trained"],
                     "reason": weights.get("reason") or None},
-        "preprocess": validated.get("preprocess") or {k: load.get(k) for k in
+        "preprocess": images.get("preprocess") or {k: load.get(k) for k in
                                                       ("input_size", "crop_pct", "interpolation", "mean", "std")},
-        "data": {"eval": validated.get("eval_images"), "calibration": _calibration(records)},
+        "data": {"eval": images.get("eval_images"), "calibration": _calibration(records)},
         "equalization": (records["quantize"].facts if "quantize" in records else {}).get("equalization"),
-        "reference": validated.get("reference"),
+        "reference": reference,
         "qat": _qat(records["qat"].facts) if "qat" in records else None,
         "stages": [{"name": r.name, "key": r.key, "cache_hit": r.cache_hit, "seconds": round(r.seconds, 3),
                     **({"error": r.error} if r.error else {})} for r in records.values()],

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from ..checkpoints import parse, read_file
-from ..data import DataConfig, Preprocess, fingerprint_folder, open_image, resolve_sets, sample_images
+from ..data import DataConfig, Preprocess, fingerprint_data, open_image, resolve_sets, sample_images
 from ..progress import Progress
 from .reparam import preprocess_of
 
@@ -33,8 +33,7 @@ def narrow(cfg) -> ImagesConfig:
 
 
 def fingerprint(cfg: ImagesConfig, data: DataConfig) -> dict:
-    # CALIB too: without it, calibration images are held out of DATA and the scored set changes.
-    return {"eval": fingerprint_folder(data.eval), "calib": fingerprint_folder(data.calib)}
+    return fingerprint_data(data)
 
 
 def scoring_meta(reparam_dir: Path, crop_pct: Optional[float]) -> dict:
@@ -102,7 +101,7 @@ def run(cfg: ImagesConfig, inputs: dict, out_dir: Path, data: DataConfig) -> dic
         np.save(out_dir / "pixels.npy", np.stack([pre.pixels(im) for im in images]))
         desc = (f"{n} natural sample photos (scikit-image's bundled images, crops and flips): "
                 "label-free fidelity only")
-    return {"images": n, "eval_images": desc, "calibration_images": sets.calib_description,
+    return {"images": n, "eval_images": desc,
             "dataset": sets.eval.name if sets.eval is not None else None,
             "preprocess": {k: meta[k] for k in ("input_size", "crop_pct", "interpolation", "mean", "std")}}
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import load_model, save_pipeline_checkpoint
-from ..data import DataConfig, fingerprint_folder, resolve_sets, training_pixels
+from ..data import DataConfig, fingerprint_data, resolve_sets, training_pixels
 from ..fakequant import BACKEND_OF_FORMAT
 from ..formats.coreml import CoreMLConfig
 from ..progress import Progress
@@ -78,7 +78,7 @@ class QatConfig:
 
 
 def fingerprint(cfg: QatConfig, data: DataConfig, coreml=None) -> dict:
-    return {"calib": fingerprint_folder(data.calib), "eval": fingerprint_folder(data.eval)}
+    return fingerprint_data(data)
 
 
 def model_file(fmt: str) -> str:

@@ -20,7 +20,7 @@ import torch
 
 from ..checkpoints import load_model, parse, read_file, save_pipeline_checkpoint
 from ..runner import facts_of
-from ..data import (DataConfig, DataError, budget_set, calibration_pixels, fingerprint_folder,
+from ..data import (DataConfig, DataError, budget_set, calibration_pixels, fingerprint_data,
                     resolve_sets)
 from ..formats import normalized
 from ..models.equalize import equalize_residual_stream
@@ -60,7 +60,7 @@ class QuantizeConfig:
 def fingerprint(cfg: QuantizeConfig, data: DataConfig) -> dict:
     if cfg.scheme not in CALIBRATED:
         return {}
-    return {"calib": fingerprint_folder(data.calib), "eval": fingerprint_folder(data.eval)}
+    return fingerprint_data(data)
 
 
 def _prepare_budget(cfg: QuantizeConfig, ckpt, sets, data: DataConfig, pixels: np.ndarray,
