@@ -13,22 +13,30 @@ import click
 from .variants import VARIANTS, UnknownVariant, get_variant
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The pipeline's own errors: bad input, each with a message that says what to do."""
+    # Imported once a command has failed: a warm deploy never imports torch (pipeline/stamp.py).
+    from .checkpoints import CheckpointError
+    from .config import RecipeError
+    from .deploy import DiskFull
+    from .data import DataError
+    from .download import WeightsCorrupt, WeightsUnavailable
+    from .formats import ExportError
+    from .models.reparam import ReparamError
+
+    return (CheckpointError, RecipeError, DataError, WeightsCorrupt, WeightsUnavailable,
+            ReparamError, UnknownVariant, ExportError, NotImplementedError, DiskFull)
+
+
 class PipelineGroup(click.Group):
     """Turns the pipeline's own errors into one readable line and exit code 2."""
 
     def invoke(self, ctx):
-        from .checkpoints import CheckpointError
-        from .config import RecipeError
-        from .deploy import DiskFull
-        from .data import DataError
-        from .download import WeightsCorrupt, WeightsUnavailable
-        from .formats import ExportError
-        from .models.reparam import ReparamError
-
         try:
             return super().invoke(ctx)
-        except (CheckpointError, RecipeError, DataError, WeightsCorrupt, WeightsUnavailable,
-                ReparamError, UnknownVariant, ExportError, NotImplementedError, DiskFull) as e:
+        except Exception as e:
+            if not isinstance(e, user_errors()):
+                raise
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
 

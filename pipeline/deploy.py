@@ -14,10 +14,10 @@ from typing import Callable, Optional
 
 from . import report as report_mod
 from .atomic import staged_dir
-from .data import forget_listings
-from .config import RECIPES_DIR, Recipe, RecipeError, load_recipe
+from .config import RECIPES_DIR, Recipe, RecipeError, load_recipe, resolve_recipe_path
+from .listing import forget_listings
 from .runner import Cache, run_stages
-from .stages import SECTIONS, plan
+from .stamp import inputs_stamp
 from .variants import get_variant
 
 
@@ -38,7 +38,8 @@ def shipped_quants() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem != "base")
 
 
-def resolve_recipe(opts: RunOptions) -> Recipe:
+def recipe_source(opts: RunOptions) -> tuple[Path, list[str]]:
+    """The recipe file and the overrides (``--set`` and the Make variables) of a run."""
     if opts.recipe:
         path = opts.recipe
     else:
@@ -54,6 +55,13 @@ def resolve_recipe(opts: RunOptions) -> Recipe:
                        ("data.eval", opts.data), ("data.calib", opts.calib)):
         if value:
             sets.insert(0, f"{key}={json.dumps(value)}")
+    return resolve_recipe_path(path), sets
+
+
+def resolve_recipe(opts: RunOptions) -> Recipe:
+    from .stages import SECTIONS   # the stages import torch: only once something may run
+
+    path, sets = recipe_source(opts)
     recipe = load_recipe(path, SECTIONS, sets)
     recipe.sections["load"].variant = get_variant(recipe.variant).name
     for d in (recipe.sections["data"].eval, recipe.sections["data"].calib):
@@ -107,9 +115,43 @@ def _publish(folder: Path, records: dict, report: dict, md: str) -> None:
         (tmp / "report.md").write_text(md)
 
 
+def _stamp(opts: RunOptions) -> Optional[dict]:
+    try:
+        return inputs_stamp(*recipe_source(opts))
+    except (RecipeError, OSError, ValueError):   # the full run reports these, with their fixes
+        return None
+
+
+def published_if_current(opts: RunOptions, stamp: Optional[dict]) -> Optional[tuple[dict, Path]]:
+    """The published report and folder, when its run read the inputs ``stamp`` digests and
+    every file it lists is still there, whole."""
+    if stamp is None or opts.force:
+        return None
+    folder = opts.artifacts / f"{stamp['variant']}-{stamp['quant']}"
+    try:
+        rep = json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if rep.get("inputs_stamp") != stamp["digest"] or not (folder / "report.md").is_file():
+        return None
+    for a in rep["artifacts"]:
+        path = folder / a["path"]
+        if not path.exists() or report_mod.tree_bytes(path) != a["bytes"]:
+            return None
+    return rep, folder
+
+
 def deploy(opts: RunOptions, log: Callable[[str], None] = print) -> tuple[dict, Path]:
-    recipe = resolve_recipe(opts)
     forget_listings()
+    stamp = _stamp(opts)
+    current = published_if_current(opts, stamp)
+    if current:
+        log(f"up to date: {current[1]}/ was written from these inputs (recipe, checkpoint, data "
+            "folders, pipeline code, installed packages); nothing to run")
+        return current
+    from .stages import plan
+
+    recipe = resolve_recipe(opts)
     log(f"RepViT-{recipe.variant.upper()} · {recipe.quant} · recipe {recipe.name} "
         f"({', '.join(recipe.sources)})")
     stages = plan(recipe.stages, recipe.sections)
@@ -120,6 +162,8 @@ def deploy(opts: RunOptions, log: Callable[[str], None] = print) -> tuple[dict, 
     folder = opts.artifacts / f"{recipe.variant}-{recipe.quant}"
     # Sizes and digests are taken from the export units' files, which publish copies.
     rep = report_mod.build(recipe.variant, recipe.quant, recipe.name, records)
+    if stamp and not rep["failed"]:   # a failed format must run again next time
+        rep["inputs_stamp"] = stamp["digest"]
     publish(folder, records, rep, report_mod.markdown(rep))
     return rep, folder
 

@@ -2,7 +2,6 @@
 and checkpoints from the Hugging Face hub (``hf-hub:<repo>[@revision]``) through huggingface_hub."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys

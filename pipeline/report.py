@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import platform
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from .runner import facts_of
 

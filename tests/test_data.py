@@ -124,7 +124,7 @@ def test_imagenet_val_tree_maps_wnids_to_model_outputs(imagenet_sample):
 
 
 def test_folder_fingerprint_follows_names_sizes_and_mtimes(tmp_path):
-    from pipeline.data import fingerprint_folder, forget_listings
+    from pipeline.listing import fingerprint_folder, forget_listings
 
     for cls in ("a", "b"):
         (tmp_path / cls).mkdir()

@@ -32,8 +32,8 @@ def tiny(tmp_path_factory):
     return d
 
 
-def make_deploy(tiny, artifacts, extra_set=""):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def make_deploy(tiny, artifacts, extra_set="", env=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = ["make", "-s", "deploy", f"PY={sys.executable}", "VARIANT=m0.6", "QUANT=fp16",
            f"CKPT={tiny / 'tiny.pth'}", f"DATA={tiny / 'data'}", f"ARTIFACTS={artifacts}",
            f"SET={FAST} {extra_set}".strip()]
@@ -79,10 +79,21 @@ def test_make_deploy_end_to_end(tiny, tmp_path):
     assert iphone and iphone[-1]["method"] == "estimated" and iphone[-1]["extrapolated"]
     assert "simulated" in (folder / "report.md").read_text()
 
-    # Unchanged recipe: nothing runs.
-    out, seconds = make_deploy(tiny, artifacts)
+    # Unchanged inputs: nothing runs, torch is not even imported, the folder is left alone.
+    written = (folder / "report.json").stat().st_mtime_ns
+    out, _ = make_deploy(tiny, artifacts, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "pipeline.deploy" in imported and "torch" not in imported
+    assert "up to date" in out.stderr and (folder / "report.json").stat().st_mtime_ns == written
+    # A published file damaged: published again from the cache, where every stage is cached.
+    onnx_file = folder / "RepViT-M0.6-fp16.onnx"
+    size = onnx_file.stat().st_size
+    onnx_file.write_bytes(b"damaged")
+    out, _ = make_deploy(tiny, artifacts)
     rep = json.loads((folder / "report.json").read_text())
     assert all(s["cache_hit"] for s in rep["stages"]), out.stderr
+    assert onnx_file.stat().st_size == size
     # One ONNX option changed: only ONNX's export and validation run again.
     make_deploy(tiny, artifacts, "export.onnx.simplify=never")
     rep = json.loads((folder / "report.json").read_text())

@@ -338,3 +338,18 @@ def test_tflite_min_max_ranges_cover_every_calibration_image(trained, tmp_path):
     r = export("tflite", "int8", trained, tmp_path / "ma", TFLiteConfig(calibration="moving_average"))
     ma_lo, ma_hi = _logit_range(r.path)
     assert ma_hi - ma_lo < 0.9 * (mm_hi - mm_lo), "the moving average clips (why min_max is the default)"
+
+
+def test_tflite_percentile_ranges_are_the_percentile_of_each_images_extremes(trained, tmp_path):
+    """calibration: percentile sets each tensor's range to the percentile of the images' own
+    minima / maxima: checked on the logits, whose per-image extremes PyTorch gives exactly."""
+    from pipeline.formats.tflite import TFLiteConfig
+
+    logits = reference_logits(trained, trained.calibration)
+    for p in (50.0, 90.0):
+        r = export("tflite", "int8", trained, tmp_path / f"p{p:g}", TFLiteConfig(calibration="percentile", percentile=p))
+        lo, hi = _logit_range(r.path)
+        want_lo, want_hi = np.percentile(logits.min(1), 100 - p), np.percentile(logits.max(1), p)
+        step = (hi - lo) / 255
+        assert abs(lo - want_lo) <= 2 * step and abs(hi - want_hi) <= 2 * step, (p, (lo, hi), (want_lo, want_hi))
+    assert hi < float(logits.max()) - 2 * step, "below the largest image's maximum"
