@@ -23,6 +23,7 @@ CHOICES = [
     ("coreml", "min/max, affine", ["export.coreml.activation_observer=min_max",
                                    "export.coreml.quantization_scheme=affine"]),
     ("coreml", "moving-average min/max, affine", ["export.coreml.quantization_scheme=affine"]),
+    ("coreml", "percentile 99 of each image's min/max", ["export.coreml.activation_percentile=99"]),
     ("onnx", "min/max", ["export.onnx.calibration=minmax"]),
     ("onnx", "percentile 99.99", ["export.onnx.percentile=99.99"]),
     ("onnx", "percentile 99.999 (default)", []),

@@ -90,6 +90,14 @@ def normalized(pixels: np.ndarray, meta: dict) -> np.ndarray:
     return normalize_pixels(pixels, meta["mean"], meta["std"])
 
 
+def percentile_range(mins, maxs, percentile: float) -> tuple[np.ndarray, np.ndarray]:
+    """An activation's int8 range from each calibration image's own min and max (rows): the
+    range that covers ``percentile`` % of the images whole. Outlier images widen a min/max
+    union; the percentile stays put as the calibration set grows (README "int8 fidelity")."""
+    return (np.percentile(np.asarray(mins), 100 - percentile, axis=0),
+            np.percentile(np.asarray(maxs), percentile, axis=0))
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     """Row-wise softmax of logits (what Core ML and TFLite artifacts output)."""
     e = np.exp(x - x.max(1, keepdims=True))

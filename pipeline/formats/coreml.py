@@ -9,6 +9,7 @@ single averaged std that common examples pass as the image scale.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import platform
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..quiet import quiet
 from . import (ExportContext, ExportError, ExportResult, SchemeSupport, check_parity, normalized,
-               torch_logits)
+               percentile_range, torch_logits)
 
 TARGETS = ("iOS16", "iOS17", "iOS18")
 PREVIEW_KEY = "com.apple.coreml.model.preview.type"
@@ -44,8 +45,16 @@ class CoreMLConfig:
     # (97.1%; zero points on every activation, whose Neural Engine speed is unmeasured here).
     quantization_scheme: Literal["symmetric", "affine"] = "symmetric"
     activation_observer: Literal["moving_average_min_max", "min_max", "ema_min_max"] = "moving_average_min_max"
+    # A number: each activation's range becomes that percentile of the calibration images'
+    # own minima / maxima (the observer's statistics replaced before conversion), as the
+    # TFLite export calibrates. null: the observer's ranges.
+    activation_percentile: Optional[float] = None
     # Simulated parity gate for the fp32 program (interpreter vs PyTorch probabilities).
     tolerance: float = 1e-4
+
+    def validate(self):
+        if self.activation_percentile is not None and not 50.0 <= self.activation_percentile <= 100.0:
+            raise ValueError(f"activation_percentile {self.activation_percentile} is outside 50-100")
 
 
 class CoreMLClassifier(nn.Module):
@@ -135,8 +144,10 @@ class CoreMLExporter(SchemeSupport):
         if ctx.scheme in ("w8", "pal4", "pal6", "pal8"):
             ml, compression = compress_weights(ml, ctx.scheme, cfg)
         elif ctx.int8:
+            ranges = (f"percentile {cfg.activation_percentile:g} of each image's min / max"
+                      if cfg.activation_percentile is not None else f"ranges by {cfg.activation_observer}")
             compression = (f"W8A8: weights int8 per channel, activations 8-bit per tensor "
-                           f"({cfg.quantization_scheme}), ranges by {cfg.activation_observer} over "
+                           f"({cfg.quantization_scheme}), {ranges} over "
                            f"{len(ctx.calibration)} calibration images in batches of {CALIBRATION_BATCH} "
                            f"(coremltools LinearQuantizer; {ctx.weights_origin})")
         _set_metadata(ml, ctx, cfg, precision)
@@ -184,11 +195,40 @@ def quantize_w8a8(wrapped: nn.Module, calibration: np.ndarray, mean: list[float]
         quantizer = LinearQuantizer(wrapped, config)
         prepared = quantizer.prepare(example_inputs=(x[:1],), inplace=False)
         prepared.train()  # observers record only in train mode; there is no BatchNorm left
-        with torch.no_grad():
+        record = cfg.activation_percentile is not None
+        with torch.no_grad(), (_per_image_extremes(prepared) if record else contextlib.nullcontext({})) as extremes:
             for i in range(0, len(x), CALIBRATION_BATCH):
                 quantizer.step()
                 prepared(x[i:i + CALIBRATION_BATCH])
+        for observer, (mins, maxs) in extremes.items():
+            lo, hi = percentile_range(torch.cat(mins), torch.cat(maxs), cfg.activation_percentile)
+            observer.min_val.fill_(float(lo))
+            observer.max_val.fill_(float(hi))
         return quantizer.finalize(inplace=False).eval()
+
+
+@contextlib.contextmanager
+def _per_image_extremes(prepared: nn.Module):
+    """Each per-tensor activation observer's input minima and maxima, one per image."""
+    from torch.ao.quantization.observer import ObserverBase
+
+    seen: dict[nn.Module, tuple[list, list]] = {}
+
+    def record(observer, args):
+        flat = args[0].detach().reshape(args[0].shape[0], -1)
+        mins, maxs = seen.setdefault(observer, ([], []))
+        mins.append(flat.amin(1))
+        maxs.append(flat.amax(1))
+
+    # Observers with fixed ranges (sigmoid outputs: FixedQParamsObserver) have no min/max to replace.
+    handles = [m.register_forward_pre_hook(record) for m in prepared.modules()
+               if isinstance(m, ObserverBase) and hasattr(m, "min_val")
+               and m.qscheme in (torch.per_tensor_affine, torch.per_tensor_symmetric)]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def compress_weights(ml, scheme: str, cfg: CoreMLConfig):

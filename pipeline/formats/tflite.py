@@ -22,7 +22,7 @@ from torch import nn
 
 from ..quiet import quiet
 from . import (ExportContext, ExportError, ExportResult, SchemeSupport, check_parity, model_metadata,
-               normalized, softmax, torch_logits)
+               normalized, percentile_range, softmax, torch_logits)
 from .tflite_metadata import ClassifierMetadata, embed
 
 LABELS_FILE = "labels.txt"
@@ -399,8 +399,8 @@ def _percentile_range(qsv: dict, percentile: float) -> dict:
     if "mins" not in qsv:
         return qsv
     mins, maxs = np.stack(qsv.pop("mins")), np.stack(qsv.pop("maxs"))
-    return {**qsv, "min": np.percentile(mins, 100 - percentile, axis=0).astype(mins.dtype),
-            "max": np.percentile(maxs, percentile, axis=0).astype(maxs.dtype)}
+    lo, hi = percentile_range(mins, maxs, percentile)
+    return {**qsv, "min": lo.astype(mins.dtype), "max": hi.astype(maxs.dtype)}
 
 
 def _float16_recipe() -> list:

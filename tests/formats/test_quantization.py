@@ -346,10 +346,31 @@ def test_tflite_percentile_ranges_are_the_percentile_of_each_images_extremes(tra
     from pipeline.formats.tflite import TFLiteConfig
 
     logits = reference_logits(trained, trained.calibration)
-    for p in (50.0, 90.0):
-        r = export("tflite", "int8", trained, tmp_path / f"p{p:g}", TFLiteConfig(calibration="percentile", percentile=p))
-        lo, hi = _logit_range(r.path)
-        want_lo, want_hi = np.percentile(logits.min(1), 100 - p), np.percentile(logits.max(1), p)
-        step = (hi - lo) / 255
-        assert abs(lo - want_lo) <= 2 * step and abs(hi - want_hi) <= 2 * step, (p, (lo, hi), (want_lo, want_hi))
+    r = export("tflite", "int8", trained, tmp_path, TFLiteConfig(calibration="percentile", percentile=90.0))
+    assert "percentile 90 of each image's min / max" in r.facts["weights"]
+    lo, hi = _logit_range(r.path)
+    want_lo, want_hi = np.percentile(logits.min(1), 10), np.percentile(logits.max(1), 90)
+    step = (hi - lo) / 255
+    assert abs(lo - want_lo) <= 2 * step and abs(hi - want_hi) <= 2 * step, ((lo, hi), (want_lo, want_hi))
     assert hi < float(logits.max()) - 2 * step, "below the largest image's maximum"
+
+
+def test_coreml_activation_percentile_replaces_the_observers_ranges(trained, tmp_path):
+    """export.coreml.activation_percentile: at 100 the ranges are the union of the images'
+    extremes, exactly what coremltools' min_max observer finds (and not what the default
+    moving-average observer, which this run also used, finds)."""
+    from pipeline.formats.coreml import CoreMLConfig
+    from pipeline.runtimes.mil import load_program
+
+    def scales(cfg, name):
+        (tmp_path / name).mkdir()
+        r = export("coreml", "int8", trained, tmp_path / name, cfg)
+        _, prog = load_program(r.path)
+        return np.array([float(np.asarray(op.inputs["scale"].val)) for op in prog.functions["main"].operations
+                         if op.op_type == "quantize"]), r
+
+    observer, _ = scales(CoreMLConfig(activation_observer="min_max"), "observer")
+    whole, r = scales(CoreMLConfig(activation_observer="moving_average_min_max", activation_percentile=100.0), "p100")
+    assert "percentile 100 of each image's min / max" in r.facts["compression"]
+    assert len(observer) == len(whole) > 10
+    np.testing.assert_allclose(whole, observer, rtol=2e-3)   # fp16 scales in the program
