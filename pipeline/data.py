@@ -207,10 +207,10 @@ def class_index_for(classes: Sequence[str]) -> dict[str, int]:
 def fingerprint_data(cfg: DataConfig) -> dict:
     """The cache key part of the data section's folders (CALIB too wherever DATA is read:
     without CALIB, calibration images are held out of DATA, which changes both sets)."""
-    for folder in (cfg.calib, cfg.eval):
-        if folder and not Path(folder).is_dir():
-            raise DataError(f"data folder not found: {folder}. Pass DATA=<folder of class folders>.")
-    return {"calib": fingerprint_folder(cfg.calib), "eval": fingerprint_folder(cfg.eval)}
+    try:
+        return {"calib": fingerprint_folder(cfg.calib), "eval": fingerprint_folder(cfg.eval)}
+    except FileNotFoundError as e:   # listing's own message, as the pipeline's data error
+        raise DataError(str(e)) from None
 
 
 @dataclass(frozen=True)

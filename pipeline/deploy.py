@@ -118,7 +118,7 @@ def _publish(folder: Path, records: dict, report: dict, md: str) -> None:
 def _stamp(opts: RunOptions) -> Optional[dict]:
     try:
         return inputs_stamp(*recipe_source(opts))
-    except (RecipeError, OSError, ValueError):   # the full run reports these, with their fixes
+    except (OSError, ValueError):   # a bad recipe, variant or path: the full run reports it, with its fix
         return None
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .hashing import sha256_file  # noqa: F401  (part of this module's API)
+from .hashing import sha256_file
 from .variants import Variant, Weights
 
 CHUNK = 1 << 20
@@ -31,8 +31,6 @@ def cache_dir() -> Path:
     return Path(root) / "repvit-pipeline" / "weights"
 
 
-# sha256 by (file, size, mtime, inode): a run hashes a checkpoint for its cache key and
-# again where it loads it; an unchanged file is read once per process.
 def _check(path: Path, w: Weights, recorded: Optional[str]) -> str:
     """sha256 of ``path`` after checking it against every pin there is."""
     size = path.stat().st_size

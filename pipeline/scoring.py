@@ -48,14 +48,15 @@ def score_shard(job_dir: Path, rank: int, world: int) -> None:
 
 
 def score(fmt: str, artifact: Path, meta: dict, pixels_path: Path, batch_size: int, processes: int,
-          job_dir: Path, progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
-    """Every row of ``pixels_path`` through ``artifact``: in this process (``processes`` 1),
-    else under torchrun with ``processes`` local processes."""
+          job_dir: Path, progress: Optional[Callable[[int], None]] = None, runtime=None) -> np.ndarray:
+    """Every row of ``pixels_path`` through ``artifact``: in this process (``processes`` 1;
+    ``runtime``, the artifact already opened, if given), else under torchrun with
+    ``processes`` local processes."""
     pixels = np.load(pixels_path, mmap_mode="r")
     if processes <= 1:
         from .runtimes import open_runtime
 
-        return predict_all(open_runtime(fmt, artifact, meta), pixels, batch_size, progress)
+        return predict_all(runtime or open_runtime(fmt, artifact, meta), pixels, batch_size, progress)
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / "job.json").write_text(json.dumps({"format": fmt, "artifact": str(artifact), "meta": meta,
                                                   "pixels": str(pixels_path), "batch_size": batch_size}))

@@ -149,6 +149,9 @@ def calibration_stride(n: int, most: int = 16) -> int:
     return max(d for d in range(1, min(n, most) + 1) if n % d == 0)
 
 
+RANGES_OF = {"minmax": "min/max", "percentile": "percentile {:g}", "entropy": "entropy"}   # what the facts say
+
+
 def quantize_int8(path: Path, calibration: np.ndarray, cfg: OnnxConfig,
                   float_layers: tuple[str, ...] = ()) -> None:
     """Static QDQ quantization in place: per-channel symmetric int8 weights, per-tensor
@@ -283,8 +286,7 @@ class OnnxExporter(SchemeSupport):
             quantize_int8(path, normalized(ctx.calibration, ctx.meta), cfg, ctx.float_layers)
             facts["precision"] = (f"int8 QDQ: weights int8 per channel (symmetric), activations "
                                   f"{cfg.activations} per tensor, "
-                                  f"{'percentile ' + format(cfg.percentile, 'g') if cfg.calibration == 'percentile' else {'minmax': 'min/max', 'entropy': 'entropy'}.get(cfg.calibration)}"
-                                  " calibration on "
+                                  f"{RANGES_OF[cfg.calibration].format(cfg.percentile)} calibration on "
                                   f"{len(ctx.calibration)} images (onnxruntime.quantization; "
                                   f"{ctx.weights_origin})")
         proto = onnx.load(str(path))

@@ -251,8 +251,8 @@ class TFLiteExporter(SchemeSupport):
         elif ctx.int8:
             keep = float_layer_patterns(wrapped, tuple(f"model.{l}" for l in ctx.float_layers), float_path)
             self._int8(float_path, path, ctx.calibration.astype(np.float32) / 255.0, keep,
-                       float_gelu=cfg.gelu == "float", cfg_calibration=cfg.calibration,
-                       cfg_percentile=cfg.percentile)
+                       float_gelu=cfg.gelu == "float", calibration=cfg.calibration,
+                       percentile=cfg.percentile)
         elif ctx.scheme == "w8":
             self._dynamic_range(float_path, path)
         else:
@@ -305,7 +305,7 @@ class TFLiteExporter(SchemeSupport):
 
     @staticmethod
     def _int8(src: Path, dst: Path, calibration_nhwc: np.ndarray, keep_float: list[str],
-              float_gelu: bool = True, cfg_calibration: str = "percentile", cfg_percentile: float = 99.0) -> None:
+              float_gelu: bool = True, calibration: str = "percentile", percentile: float = 99.0) -> None:
         """Static full-integer int8 (ai-edge-quantizer): int8 weights per channel, int8
         activations calibrated as ``TFLiteConfig.calibration`` says; ops whose scope matches
         a ``keep_float`` pattern stay float (the accuracy-aware pass); with ``float_gelu``,
@@ -313,7 +313,7 @@ class TFLiteExporter(SchemeSupport):
         try:
             with quiet():
                 _int8_calibrate_and_quantize(src, dst, np.ascontiguousarray(calibration_nhwc, np.float32),
-                                             keep_float, float_gelu, cfg_calibration, cfg_percentile)
+                                             keep_float, float_gelu, calibration, percentile)
         except Exception as e:
             raise ExportError(f"TFLite int8 quantization failed: {type(e).__name__}: {e}") from e
         if keep_float:
@@ -365,9 +365,10 @@ def _int8_calibrate_and_quantize(src: Path, dst: Path, calibration_nhwc: np.ndar
     if calibration == "moving_average":
         ranges = q.calibrate({signature: images}, num_threads=os.cpu_count() or 1)
     else:
-        # ai-edge-quantizer's Calibrator with its statistics update replaced: the union
-        # (min_max) or every image's extremes, reduced to their percentile afterwards; one pass. Quantizer.calibrate does not take the update function, hence its recipe
-        # manager (private; ai-edge-quantizer is pinned in setup.cfg).
+        # ai-edge-quantizer's Calibrator with its statistics update replaced, in one pass: the
+        # union (min_max), or every image's extremes, reduced to their percentile afterwards.
+        # Quantizer.calibrate does not take the update function, hence its recipe manager
+        # (private; ai-edge-quantizer is pinned in setup.cfg).
         from ai_edge_quantizer import calibrator
 
         update = _union_of_ranges if calibration == "min_max" else _every_range
@@ -389,13 +390,17 @@ def _union_of_ranges(seen: dict, new: dict) -> dict:
 
 
 def _every_range(seen: dict, new: dict) -> dict:
-    """ai-edge-quantizer statistics update: every image's min/max, kept for a percentile."""
+    """ai-edge-quantizer statistics update: every image's min/max, kept for a percentile
+    (appended to the lists ``seen`` holds, not copied: one update per image and tensor)."""
     mins = (seen.get("mins") or [seen["min"]]) if seen else []
     maxs = (seen.get("maxs") or [seen["max"]]) if seen else []
-    return {**new, "mins": mins + [new["min"]], "maxs": maxs + [new["max"]]}
+    mins.append(new["min"])
+    maxs.append(new["max"])
+    return {**new, "mins": mins, "maxs": maxs}
 
 
 def _percentile_range(qsv: dict, percentile: float) -> dict:
+    """A tensor's recorded per-image extremes reduced to their percentile range."""
     if "mins" not in qsv:
         return qsv
     mins, maxs = np.stack(qsv.pop("mins")), np.stack(qsv.pop("maxs"))

@@ -9,8 +9,8 @@ from typing import Optional
 
 from ..checkpoints import build_model, parse, read_file, save_pipeline_checkpoint
 from ..data import imagenet_classes
-from ..download import (HUB_PREFIX, WeightsUnavailable, fetch_hub, fetch_official, hub_meta, parse_hub_spec,
-                        sha256_file)
+from ..download import HUB_PREFIX, WeightsUnavailable, fetch_hub, fetch_official, hub_meta, parse_hub_spec
+from ..hashing import sha256_file
 from ..models.init import randomize_bn
 from ..models.repvit import create_model
 from ..variants import get_variant

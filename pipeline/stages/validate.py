@@ -131,16 +131,17 @@ def run(fmt: str, cfg: ValidateConfig, inputs: dict, out_dir: Path) -> dict:
     how = f"{cfg.processes} processes (torchrun)" if cfg.processes > 1 else rt.name
     with Progress(len(pixels), f"{fmt}: scoring images in {how}") as bar:
         s = scoring.score(fmt, export_dir / a["path"], meta, inputs["images"] / "pixels.npy", cfg.batch_size,
-                          cfg.processes, out_dir / ".shards", bar.update)
+                          cfg.processes, out_dir / ".shards", bar.update, runtime=rt)
     shutil.rmtree(out_dir / ".shards", ignore_errors=True)
     ref = np.asarray(ref)
     dataset = facts_of(inputs["images"])["dataset"]
+    ref_probs = softmax(ref)
     probs = s if rt.outputs == "probabilities" else softmax(s)
-    target = softmax(ref) if rt.outputs == "probabilities" else ref
+    target = ref_probs if rt.outputs == "probabilities" else ref
     entry = {"format": fmt, "runtime": rt.name, "method": rt.method, "outputs": rt.outputs,
              "accuracy": ({**accuracy(s, y, dataset), "drop_vs_float": paired_drop(ref, s, y)}
                           if y is not None else None),
-             "fidelity": fidelity(target, s, softmax(ref), probs), "latency": []}
+             "fidelity": fidelity(target, s, ref_probs, probs), "latency": []}
     if rt.method == "measured":
         pixel = sets_pixel(preprocess_of(meta))
         for t in cfg.threads:
