@@ -355,6 +355,7 @@ def test_tflite_percentile_ranges_are_the_percentile_of_each_images_extremes(tra
     assert hi < float(logits.max()) - 2 * step, "below the largest image's maximum"
 
 
+@pytest.mark.slow   # two Core ML int8 conversions for an option that is off by default
 def test_coreml_activation_percentile_replaces_the_observers_ranges(trained, tmp_path):
     """export.coreml.activation_percentile: at 100 the ranges are the union of the images'
     extremes, exactly what coremltools' min_max observer finds (and not what the default
