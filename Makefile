@@ -25,7 +25,7 @@ help: ## This list
 	@echo "Targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 	@echo "Variables: VARIANT=$(VARIANT) (m0.6 m0.9 m1.0 m1.1 m1.5 m2.3; legacy m1 m2 m3)  QUANT=$(QUANT) (fp32 fp16 int8 w8 pal4 pal6 pal8 qat-int8)"
-	@echo "           CKPT=official|random|hf-hub:ORG/NAME[@REV]|FILE  DATA=eval folder  CALIB=calibration folder"
+	@echo "           CKPT=official|random|hf-hub:ORG/NAME[@REV]|FILE  DATA=eval folder  CALIB=calibration folder or imagenette-320 / imagenette-160"
 	@echo "           RECIPE=your.yaml  SET='stage.key=value ...'  FORCE='stage ...'  QUANTS='fp16 int8 ...' (compare)"
 
 setup: ## Create $(VENV) and install everything (torch 2.13.0 CPU included)

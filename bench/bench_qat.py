@@ -29,7 +29,7 @@ def goal_met(ptq_drop: float, qat_drop: float) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--eval-images", type=int, default=2000)
+    ap.add_argument("--eval-images", type=int, default=10000)
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides for QAT, e.g. qat.steps=600")
     args = ap.parse_args()
     require_shared()
@@ -48,14 +48,16 @@ def main():
         print(f"QAT {backend} ({', '.join(t['formats'])}): {t['steps']} steps on {t['device']} x "
               f"{t['world_size']}, held-out agreement with float (fake-quant, simulated) "
               f"{100 * t['holdout_agreement_before']:.2f}% before -> {100 * t['holdout_agreement_after']:.2f}% after")
-    print(f"{'format':7} {'PTQ top-1':>9} {'PTQ drop':>9} {'QAT top-1':>9} {'QAT drop':>9}  goal met")
+    print(f"{'format':7} {'PTQ top-1':>9} {'PTQ drop':>9} {'PTQ agree':>9} {'QAT top-1':>9} {'QAT drop':>9} "
+          f"{'QAT agree':>9} {'PTQ KL':>8} {'QAT KL':>8}  recovered half, within 0.1 | agreement >= 99%")
     rows = {a["format"]: a for a in ptq["artifacts"]}
     for a in qat["artifacts"]:
         p = rows[a["format"]]
         pd, qd = 100 * (ref["top1"] - p["accuracy"]["top1"]), 100 * (ref["top1"] - a["accuracy"]["top1"])
-        print(f"{a['format']:7} {100 * p['accuracy']['top1']:9.2f} {pd:9.2f} {100 * a['accuracy']['top1']:9.2f} "
-              f"{qd:9.2f}  {goal_met(pd, qd)} [{a['method']}]")
-
+        pa, qa = 100 * p["fidelity"]["top1_agreement"], 100 * a["fidelity"]["top1_agreement"]
+        print(f"{a['format']:7} {100 * p['accuracy']['top1']:9.2f} {pd:9.2f} {pa:9.2f} {100 * a['accuracy']['top1']:9.2f} "
+              f"{qd:9.2f} {qa:9.2f} {p['fidelity'].get('mean_kl', float('nan')):8.5f} {a['fidelity'].get('mean_kl', float('nan')):8.5f}  "
+              f"{goal_met(pd, qd)} | {'yes' if qa >= 99 else 'NO'} [{a['method']}]")
 
 if __name__ == "__main__":
     main()

@@ -20,11 +20,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .config import RecipeError
     from .deploy import DiskFull
     from .data import DataError
-    from .download import WeightsCorrupt, WeightsUnavailable
+    from .download import DownloadCorrupt, DownloadUnavailable
     from .formats import ExportError
     from .models.reparam import ReparamError
 
-    return (CheckpointError, RecipeError, DataError, WeightsCorrupt, WeightsUnavailable,
+    return (CheckpointError, RecipeError, DataError, DownloadCorrupt, DownloadUnavailable,
             ReparamError, UnknownVariant, ExportError, NotImplementedError, DiskFull)
 
 
@@ -131,7 +131,7 @@ def run_options(f):
         click.option("--variant", default=None, help=f"VARIANT: {', '.join(VARIANTS)} (default: the recipe's)."),
         click.option("--ckpt", "checkpoint", default=None, help="CKPT: official | random | a checkpoint file."),
         click.option("--data", default=None, help="DATA: evaluation images (ImageFolder or ImageNet val/<wnid>/)."),
-        click.option("--calib", default=None, help="CALIB: calibration / QAT images (never scored)."),
+        click.option("--calib", default=None, help="CALIB: calibration / QAT images (never scored): a folder, or a public set (imagenette-320, imagenette-160)."),
         click.option("--recipe", default=None, help="RECIPE: your recipe file (may extend a shipped one)."),
         click.option("--set", "sets", multiple=True, help="Override one key: section.key=value (repeatable)."),
         click.option("--force", multiple=True, help="Re-run this stage even if cached (repeatable)."),

@@ -11,6 +11,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .listing import IMAGE_SUFFIXES, fingerprint_folder, walk_images
+from .public_sets import PUBLIC_SETS
+from .public_sets import name_of as public_set_name
 
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
             "nearest": Image.Resampling.NEAREST}
@@ -189,10 +191,16 @@ class DataConfig:
     budget_images: int = 500
     eval_images: Optional[int] = None   # score N images, a deterministic spread over the set
     seed: int = 0
+    # Official or hub weights with neither CALIB nor DATA calibrate on this public set
+    # (pipeline/public_sets.py; downloaded once); null: natural sample photos.
+    public_calib: Optional[str] = "imagenette-320"
 
     def validate(self):
         if self.calib_images < 1:
             raise ValueError("calib_images must be at least 1")
+        if self.public_calib is not None and self.public_calib not in PUBLIC_SETS:
+            raise ValueError(f"public_calib {self.public_calib!r} is not a public calibration set; "
+                             f"valid: {', '.join(PUBLIC_SETS)}, or null")
 
 
 def class_index_for(classes: Sequence[str]) -> dict[str, int]:
@@ -226,7 +234,9 @@ def resolve_sets(cfg: DataConfig, classes: Sequence[str]) -> Sets:
     eval_set = image_folder(cfg.eval, index, classes) if cfg.eval else None
     if cfg.calib:
         calib = image_folder(cfg.calib, index if _labelled(cfg.calib, index) else None, classes)
-        calib_desc = f"CALIB={cfg.calib} ({len(calib)} images, deterministic selection)"
+        public = public_set_name(cfg.calib)
+        calib_desc = (f"{PUBLIC_SETS[public].about} ({len(calib)} images, deterministic selection)"
+                      if public else f"CALIB={cfg.calib} ({len(calib)} images, deterministic selection)")
     elif eval_set is not None:
         n = min(cfg.calib_images, len(eval_set) // 2)
         if n < 1:
@@ -237,7 +247,8 @@ def resolve_sets(cfg: DataConfig, classes: Sequence[str]) -> Sets:
     else:
         calib = None
         calib_desc = (f"{cfg.calib_images} natural sample photos (scikit-image's bundled images, "
-                      "random crops and flips)")
+                      "random crops and flips; int8 is less faithful than calibrated on images of the "
+                      "model's own kind: pass CALIB, README 'Calibration images')")
     if eval_set is not None and cfg.eval_images and cfg.eval_images < len(eval_set):
         eval_set = eval_set.split(cfg.eval_images, cfg.seed + 1, (f"{cfg.eval_images} of", "rest"))[0]
     eval_desc = f"{len(eval_set)} labelled images from DATA={cfg.eval}" if eval_set else "none (no DATA)"

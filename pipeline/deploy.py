@@ -15,7 +15,9 @@ from typing import Callable, Optional
 from . import report as report_mod
 from .atomic import staged_dir
 from .config import RECIPES_DIR, Recipe, RecipeError, load_recipe, resolve_recipe_path
+from .download import DownloadCorrupt, DownloadUnavailable
 from .listing import forget_listings
+from .public_sets import PUBLIC_SETS, fetch_public_set, wanted
 from .runner import Cache, run_stages
 from .stamp import inputs_stamp
 from .variants import get_variant
@@ -64,11 +66,31 @@ def resolve_recipe(opts: RunOptions) -> Recipe:
     path, sets = recipe_source(opts)
     recipe = load_recipe(path, SECTIONS, sets)
     recipe.sections["load"].variant = get_variant(recipe.variant).name
-    for d in (recipe.sections["data"].eval, recipe.sections["data"].calib):
+    data = recipe.sections["data"]
+    for d in (data.eval, data.calib if data.calib not in PUBLIC_SETS else None):
         if d and not Path(d).is_dir():
             raise RecipeError(f"data folder not found: {d}. DATA / CALIB must be folders of images "
-                              "(an ImageFolder: one sub-folder per class).")
+                              "(an ImageFolder: one sub-folder per class); CALIB may also name a public "
+                              f"calibration set: {', '.join(PUBLIC_SETS)}.")
     return recipe
+
+
+def use_public_calibration(recipe: Recipe, log: Callable[[str], None]) -> None:
+    """Point ``data.calib`` at the extracted public calibration set the recipe asks for
+    (pipeline/public_sets.py), downloading it the first time. Named as CALIB, a set that
+    cannot be had is an error; as the default for official weights, the run goes on with
+    natural sample photos and says so."""
+    data = recipe.sections["data"]
+    name = wanted(data.calib, data.eval, data.public_calib, recipe.sections["load"].checkpoint)
+    if name is None:
+        return
+    try:
+        data.calib = str(fetch_public_set(name))
+    except (DownloadUnavailable, DownloadCorrupt) as e:
+        if data.calib == name:
+            raise
+        log(f"WARNING: {e}\nWARNING: calibrating on natural sample photos instead; int8 loses more "
+            "fidelity on them (README: what the default costs)")
 
 
 class DiskFull(OSError):
@@ -152,6 +174,7 @@ def deploy(opts: RunOptions, log: Callable[[str], None] = print) -> tuple[dict, 
     from .stages import plan
 
     recipe = resolve_recipe(opts)
+    use_public_calibration(recipe, log)
     log(f"RepViT-{recipe.variant.upper()} · {recipe.quant} · recipe {recipe.name} "
         f"({', '.join(recipe.sources)})")
     stages = plan(recipe.stages, recipe.sections)

@@ -1,7 +1,9 @@
-"""Official RepViT weights: downloaded once into a cache, verified, never fetched again;
-and checkpoints from the Hugging Face hub (``hf-hub:<repo>[@revision]``) through huggingface_hub."""
+"""Files from the network, downloaded once into a cache, verified, never fetched again: the
+official RepViT weights, public calibration images (pipeline/public_sets.py), and
+checkpoints from the Hugging Face hub (``hf-hub:<repo>[@revision]``) through huggingface_hub."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -13,36 +15,61 @@ from pathlib import Path
 from typing import Optional
 
 from .hashing import sha256_file
-from .variants import Variant, Weights
+from .variants import Variant
 
 CHUNK = 1 << 20
 
 
-class WeightsUnavailable(RuntimeError):
-    """The weights could not be had (no network, server error): a user can pass a file."""
+class DownloadUnavailable(RuntimeError):
+    """The file could not be had (no network, server error): a user can pass a local one."""
 
 
-class WeightsCorrupt(RuntimeError):
+class DownloadCorrupt(RuntimeError):
     """Bytes arrived but do not match what is pinned."""
 
 
-def cache_dir() -> Path:
+@dataclass(frozen=True)
+class Pins:
+    """What a downloaded file is checked against; where no digest is pinned, the sha256 of
+    the first download is recorded and later uses are checked against it."""
+    size: Optional[int] = None           # bytes
+    sha256: Optional[str] = None         # full digest
+    sha256_prefix: Optional[str] = None  # a recorded prefix, where only that is known
+    md5: Optional[str] = None            # full-file md5, where that is what was published
+
+
+def cache_root() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "repvit-pipeline" / "weights"
+    return Path(root) / "repvit-pipeline"
 
 
-def _check(path: Path, w: Weights, recorded: Optional[str]) -> str:
+def cache_dir() -> Path:
+    """Where official weights are kept."""
+    return cache_root() / "weights"
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check(path: Path, pins: Pins, recorded: Optional[str]) -> str:
     """sha256 of ``path`` after checking it against every pin there is."""
     size = path.stat().st_size
-    if w.size is not None and size != w.size:
-        raise WeightsCorrupt(f"{path.name}: {size:,} bytes, expected {w.size:,} (truncated or wrong file)")
+    if pins.size is not None and size != pins.size:
+        raise DownloadCorrupt(f"{path.name}: {size:,} bytes, expected {pins.size:,} (truncated or wrong file)")
     digest = sha256_file(path)
-    expected = w.sha256 or recorded
+    expected = pins.sha256 or recorded
     if expected and digest != expected:
-        raise WeightsCorrupt(f"{path.name}: sha256 {digest} does not match {expected}")
-    if w.sha256_prefix and not digest.startswith(w.sha256_prefix):
-        raise WeightsCorrupt(f"{path.name}: sha256 {digest} does not start with the recorded "
-                             f"prefix {w.sha256_prefix}")
+        raise DownloadCorrupt(f"{path.name}: sha256 {digest} does not match {expected}")
+    if pins.sha256_prefix and not digest.startswith(pins.sha256_prefix):
+        raise DownloadCorrupt(f"{path.name}: sha256 {digest} does not start with the recorded "
+                              f"prefix {pins.sha256_prefix}")
+    if pins.md5 and _md5(path) != pins.md5:
+        raise DownloadCorrupt(f"{path.name}: md5 {_md5(path)} does not match the published {pins.md5}")
     return digest
 
 
@@ -53,29 +80,31 @@ def _progress(done: int, total: Optional[int], name: str) -> None:
     print(f"\r  downloading {name}: {pct}", end="", file=sys.stderr, flush=True)
 
 
-def fetch_official(variant: Variant, url: Optional[str] = None, directory: Optional[Path] = None,
-                   timeout: float = 30.0) -> tuple[Path, str]:
-    """Path and sha256 of ``variant``'s release checkpoint, downloading it if needed.
+def recorded_sha256(path: Path) -> Optional[str]:
+    """The sha256 recorded at ``path``'s first download, if any (``<file>.sha256``)."""
+    record = path.with_name(path.name + ".sha256")
+    return record.read_text().strip() if record.exists() else None
+
+
+def fetch_file(url: str, path: Path, pins: Pins, what: str, instead: str,
+               timeout: float = 30.0) -> tuple[Path, str]:
+    """``path`` and its sha256, downloading ``url`` there if it is missing or fails its pins.
 
     The file is written under a temporary name and renamed only once verified, so an
-    interrupted download never leaves a file that looks complete. Where no checksum is
+    interrupted download never leaves a file that looks complete. Where no sha256 is
     pinned, the digest of the first download is recorded beside the file
-    (``<file>.sha256``) and every later use is checked against it.
+    (``<file>.sha256``) and every later use is checked against it. ``what`` names the file
+    in messages; ``instead`` says what a user can do when it cannot be downloaded.
     """
-    w = variant.weights
-    directory = Path(directory) if directory else cache_dir()
-    path, record = directory / w.file, directory / (w.file + ".sha256")
-    recorded = record.read_text().strip() if record.exists() else None
+    recorded = recorded_sha256(path)
     if path.exists():
         try:
-            return path, _check(path, w, recorded)
-        except WeightsCorrupt as e:
-            print(f"warning: cached weights failed verification ({e}); downloading again",
-                  file=sys.stderr)
+            return path, _check(path, pins, recorded)
+        except DownloadCorrupt as e:
+            print(f"warning: cached {what} failed verification ({e}); downloading again", file=sys.stderr)
             path.unlink()
-    url = url or w.url
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=w.file + ".", suffix=".part", dir=directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
     tmp = Path(tmp_name)
     try:
         try:
@@ -85,23 +114,30 @@ def fetch_official(variant: Variant, url: Optional[str] = None, directory: Optio
                 for chunk in iter(lambda: resp.read(CHUNK), b""):
                     out.write(chunk)
                     done += len(chunk)
-                    _progress(done, total, w.file)
+                    _progress(done, total, path.name)
         except (urllib.error.URLError, OSError, TimeoutError) as e:
             reason = getattr(e, "reason", e)
-            raise WeightsUnavailable(
-                f"could not download {variant.title} weights from {url} ({reason}). "
-                f"Pass a local file instead: CKPT=/path/to/{w.file} (make) or --ckpt (CLI), "
-                f"or place the file at {path}; CKPT=random runs on untrained weights.") from None
+            raise DownloadUnavailable(f"could not download {what} from {url} ({reason}). {instead}") from None
         if sys.stderr.isatty():
             print(file=sys.stderr)
-        digest = _check(tmp, w, recorded)
+        digest = _check(tmp, pins, recorded)
         os.replace(tmp, path)
-        if not w.sha256 and not recorded:
-            record.write_text(digest + "\n")
+        if not pins.sha256 and not recorded:
+            path.with_name(path.name + ".sha256").write_text(digest + "\n")
         return path, digest
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def fetch_official(variant: Variant, url: Optional[str] = None, directory: Optional[Path] = None,
+                   timeout: float = 30.0) -> tuple[Path, str]:
+    """Path and sha256 of ``variant``'s release checkpoint, downloading it if needed."""
+    w = variant.weights
+    path = (Path(directory) if directory else cache_dir()) / w.file
+    return fetch_file(url or w.url, path, Pins(w.size, w.sha256, w.sha256_prefix), f"{variant.title} weights",
+                      f"Pass a local file instead: CKPT=/path/to/{w.file} (make) or --ckpt (CLI), "
+                      f"or place the file at {path}; CKPT=random runs on untrained weights.", timeout)
 
 
 # ---------------------------------------------------------------- the Hugging Face hub
@@ -145,21 +181,21 @@ def fetch_hub(spec: str) -> HubWeights:
         try:
             return Path(hf_hub_download(repo, filename, revision=revision, library_name="repvit-pipeline"))
         except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-            raise WeightsUnavailable(f"{spec}: {type(e).__name__}: the hub has no such repository or "
+            raise DownloadUnavailable(f"{spec}: {type(e).__name__}: the hub has no such repository or "
                                      "revision (or it needs a token: set HF_TOKEN)") from None
         except LocalEntryNotFoundError:
-            raise WeightsUnavailable(
+            raise DownloadUnavailable(
                 f"{spec}: {filename} is not in the local hub cache and the hub cannot be reached "
                 "(offline, or HF_HUB_OFFLINE=1). Download it once with network, or pass a local "
                 "file: CKPT=/path/to/model.safetensors") from None
         except EntryNotFoundError:
             return None
         except (HfHubHTTPError, OSError) as e:
-            raise WeightsUnavailable(f"{spec}: could not download {filename} ({e})") from None
+            raise DownloadUnavailable(f"{spec}: could not download {filename} ({e})") from None
 
     weights = next((p for p in map(get, HUB_WEIGHT_FILES) if p is not None), None)
     if weights is None:
-        raise WeightsUnavailable(f"{spec}: the repository has none of {', '.join(HUB_WEIGHT_FILES)}")
+        raise DownloadUnavailable(f"{spec}: the repository has none of {', '.join(HUB_WEIGHT_FILES)}")
     config_path = get("config.json")
     config = json.loads(config_path.read_text()) if config_path else None
     return HubWeights(weights, sha256_file(weights), repo, revision, config)

@@ -33,6 +33,11 @@ class FakeQuantBackend(Protocol):
     def set_mode(self, student: nn.Module, train: bool) -> None:
         ...
 
+    def activation_ranges(self, student: nn.Module) -> dict[str, dict[str, list[float]]]:
+        """The activation ranges the student trained with, per fused layer (conv / linear):
+        ``{layer: {"input": [lo, hi], "output": [lo, hi]}}``; empty where the backend's
+        ranges are not handed to any converter."""
+
 
 def freeze_observers(student: nn.Module) -> None:
     """Stop updating activation and weight ranges (both backends' fake-quant modules,
@@ -131,6 +136,41 @@ class TorchaoPT2E:
 
         (move_exported_model_to_train if train else move_exported_model_to_eval)(student)
 
+    def activation_ranges(self, student: nn.Module) -> dict[str, dict[str, list[float]]]:
+        """Each conv / linear's input and output fake-quantizer, as the real range its
+        (scale, zero point) represent: [(qmin - zp) * scale, (qmax - zp) * scale]. A layer is
+        named by its weight's attribute, the fused model's module path (``features.3.mixer.0``),
+        which is also the ONNX exporter's name for that weight (``<layer>.weight``)."""
+        aten = torch.ops.aten
+        modules = dict(student.named_modules())
+
+        def fake_quant(node):
+            if node.op == "call_module" and hasattr(modules[node.target], "zero_point"):
+                return modules[node.target]
+            return None
+
+        def real_range(fq) -> list[float]:
+            scale, zp = float(fq.scale.reshape(-1)[0]), int(fq.zero_point.reshape(-1)[0])
+            return [(fq.quant_min - zp) * scale, (fq.quant_max - zp) * scale]
+
+        ranges = {}
+        for n in student.graph.nodes:
+            if n.op != "call_function" or n.target not in (aten.conv2d.default, aten.linear.default):
+                continue
+            weight = n.args[1]
+            while weight.op == "call_module":
+                weight = weight.args[0]
+            if weight.op != "get_attr":
+                continue
+            entry = {}
+            if fake_quant(n.args[0]) is not None:
+                entry["input"] = real_range(fake_quant(n.args[0]))
+            outputs = [fake_quant(u) for u in n.users if fake_quant(u) is not None]
+            if outputs:
+                entry["output"] = real_range(outputs[0])
+            ranges[weight.target.rpartition(".")[0]] = entry
+        return ranges
+
 
 # ------------------------------------------------------------------------------- coremltools
 
@@ -163,6 +203,9 @@ class CoreMLLinearQuantizer:
 
     def set_mode(self, student: nn.Module, train: bool) -> None:
         student.train(train)  # no BatchNorm left in the fused model: modes differ only in observers
+
+    def activation_ranges(self, student: nn.Module) -> dict[str, dict[str, list[float]]]:
+        return {}   # Core ML's export re-calibrates with the same observer and scheme
 
 
 def get_backend(name: str, coreml_scheme: str = "symmetric",

@@ -164,7 +164,7 @@ def _iphone(latency: list) -> str:
 
 def _qat(facts: dict) -> dict:
     """What QAT did, per fake-quantization backend (the loss curve stays in the cache)."""
-    return {"images": facts["images"], "trained": {
+    return {"images": facts["images"], "equalization": facts.get("equalization"), "trained": {
         backend: {k: v for k, v in t.items() if k != "history"} | {"final_loss": (t["history"] or [{}])[-1].get("loss")}
         for backend, t in facts["trained"].items()}}
 
@@ -219,6 +219,10 @@ def markdown(r: dict) -> str:
                      f"{_pct(a['top5'])}% on {a['n']} images (measured).\n")
     if r.get("qat"):
         lines.append(f"Quantization-aware training on {r['qat']['images']}:")
+        if r["qat"].get("equalization"):
+            e = r["qat"]["equalization"]
+            lines.append(f"- started from the equalized model ({e['method']}; channel range spread "
+                         f"{e['range_spread_before']} -> {e['range_spread_after']}), as post-training int8 does")
         for backend, t in r["qat"]["trained"].items():
             lines.append(f"- {backend} fake quantization (for {', '.join(t['formats'])}): {t['steps']} steps "
                          f"on {t['device']} x {t['world_size']} process(es); top-1 agreement of the "

@@ -10,8 +10,8 @@ names (with versions) of every installed distribution. The published report reco
 stamp of the run that wrote it; a deploy whose stamp matches has nothing to do, and
 returns without importing torch (about 1.7 s here) or asking each stage for its key.
 
-Where an input cannot be fingerprinted without the work itself (official weights not yet
-downloaded, a Hugging Face branch that may have moved) there is no stamp: the stages run
+Where an input cannot be fingerprinted without the work itself (official weights or a
+public calibration set not yet downloaded, a Hugging Face branch that may have moved) there is no stamp: the stages run
 as usual, each cached by its own key.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Optional
 from .config import apply_sets, load_layers
 from .download import HUB_PREFIX, cache_dir
 from .listing import fingerprint_folder
+from .public_sets import extracted, wanted
 from .variants import get_variant
 
 PACKAGE = Path(__file__).resolve().parent
@@ -74,8 +75,15 @@ def inputs_stamp(recipe: Path, sets: list[str]) -> Optional[dict]:
         files["checkpoint"] = _stat(Path(checkpoint))
     if load.get("labels"):
         files["labels"] = _stat(Path(load["labels"]))
+    calib = folders.get("calib")
+    public = wanted(calib, folders.get("eval"), folders.get("public_calib"), checkpoint)
+    if public:
+        folder = extracted(public)
+        if folder is None:
+            return None      # the run downloads it (or, as a default, falls back to sample photos)
+        calib = str(folder)
     payload = {"recipe": data, "files": files,
-               "folders": {k: fingerprint_folder(folders.get(k)) for k in ("eval", "calib")},
+               "folders": {"eval": fingerprint_folder(folders.get("eval")), "calib": fingerprint_folder(calib)},
                "source": source_digest(), "installed": installed(), "python": sys.version}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
     return {"digest": digest, "variant": variant.name, "quant": str(data.get("quant", "fp32"))}

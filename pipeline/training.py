@@ -270,7 +270,8 @@ def train(folder: Path, on_step: Optional[Callable[[int], None]] = None) -> dict
         facts["weights_sum"] = digest.item()   # the same on every rank
     if rank == 0:
         weights = float_state(student, teacher)
-        _save_atomic({"weights": weights, "facts": facts}, folder / RESULT)
+        _save_atomic({"weights": weights, "facts": facts,
+                      "activation_ranges": backend.activation_ranges(student)}, folder / RESULT)
         ckpt_path.unlink(missing_ok=True)
     if world > 1:
         torch.distributed.barrier()

@@ -1,4 +1,3 @@
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,38 @@ def isolated_home(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
+def loopback():
+    """An HTTP server on 127.0.0.1 serving ``state["files"]`` (path -> bytes), counting
+    requests: downloads are tested without the network."""
+    import http.server
+    import threading
+
+    state = {"requests": 0, "files": {}}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            state["requests"] += 1
+            body = state["files"].get(self.path)
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    state["base"] = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield state
+    httpd.shutdown()
+
+
+@pytest.fixture
 def shared_data():
     if not SHARED.is_dir():
         pytest.skip("../shared/data is not present on this machine")
@@ -30,7 +61,7 @@ def shared_data():
 
 # A small RepViT trained in seconds on a learnable task (which photo a crop comes from),
 # so that quantization is judged on a network with real decision margins.
-from pipeline.data import Preprocess, sample_images
+
 from pipeline.formats import normalized
 from pipeline.models import create_model, reparameterize
 

@@ -119,11 +119,11 @@ def test_untrained_weights_say_so_everywhere(tmp_path):
 
 
 def test_official_without_network_falls_back_loudly(tmp_path, monkeypatch):
-    from pipeline.download import WeightsUnavailable
+    from pipeline.download import DownloadUnavailable
     from pipeline.stages import load
 
     def offline(variant, **kw):
-        raise WeightsUnavailable("no network (test)")
+        raise DownloadUnavailable("no network (test)")
     monkeypatch.setattr(load, "fetch_official", offline)
     result = load.load(load.LoadConfig(variant="m0.6", checkpoint="official"), tmp_path)
     assert result.weights.trained is False and "official weights unavailable" in result.weights.reason
@@ -154,6 +154,9 @@ def test_qat_int8_deploy_trains_once_and_hands_its_model_to_export(tiny, tmp_pat
     (onnx,) = rep["artifacts"]
     assert onnx["path"] == "RepViT-M0.6-qat-int8.onnx"
     assert "fine-tuned by quantization-aware training" in onnx["export"]["precision"]
+    # QAT started from the equalized model, and its learned ranges reached onnxruntime.
+    assert rep["qat"]["equalization"]["tensors"] > 0
+    assert "tensors' ranges learned by QAT (TensorQuantOverrides)" in onnx["export"]["precision"]
     assert "Quantization-aware training on" in (artifacts / "m0.6-qat-int8" / "report.md").read_text()
     # No spare labelled CALIB: the budget is checked in agreement points on natural photos.
     aa = onnx["export"]["accuracy_aware"]
@@ -201,7 +204,7 @@ def test_official_weights_offline_online_offline(tmp_path, monkeypatch):
     """The load stage's cache key covers the weights actually used: an untrained fallback
     (no network) is cached under its own key, so the first run that can download the
     weights uses them; offline again, the downloaded file is used from its cache."""
-    from pipeline.download import WeightsUnavailable
+    from pipeline.download import DownloadUnavailable
     from pipeline.runner import Cache, run_stages
     from pipeline.stages import STAGES, load
 
@@ -213,7 +216,7 @@ def test_official_weights_offline_online_offline(tmp_path, monkeypatch):
         if network["up"] or network["fetched"]:   # downloaded once, then served from the cache
             network["fetched"] = True
             return ckpt, "ab" * 32
-        raise WeightsUnavailable("no network (test)")
+        raise DownloadUnavailable("no network (test)")
     monkeypatch.setattr(load, "fetch_official", fetch)
     cache = Cache(tmp_path / "cache")
     sections = {"load": load.LoadConfig(variant="m0.6", checkpoint="official")}

@@ -1,9 +1,6 @@
 """The official-weights download path, against an HTTP server on 127.0.0.1."""
 import dataclasses
 import hashlib
-import http.server
-import threading
-from pathlib import Path
 
 import pytest
 
@@ -14,30 +11,11 @@ PAYLOAD = b"repvit weights " * 4096
 
 
 @pytest.fixture
-def server():
-    """Serves PAYLOAD at /w.pth on loopback; counts requests."""
-    state = {"requests": 0, "body": PAYLOAD}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            state["requests"] += 1
-            if self.path != "/w.pth":
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(state["body"])))
-            self.end_headers()
-            self.wfile.write(state["body"])
-
-        def log_message(self, *a):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    state["url"] = f"http://127.0.0.1:{httpd.server_address[1]}/w.pth"
-    yield state
-    httpd.shutdown()
+def server(loopback):
+    """Serves PAYLOAD at /w.pth on loopback."""
+    loopback["files"]["/w.pth"] = PAYLOAD
+    loopback["url"] = loopback["base"] + "/w.pth"
+    return loopback
 
 
 def variant_with(**weights):
@@ -56,15 +34,15 @@ def test_download_verify_and_never_again(server, tmp_path):
 
 def test_checksum_mismatch_leaves_nothing(server, tmp_path):
     v = variant_with(sha256="0" * 64)
-    with pytest.raises(download.WeightsCorrupt, match="sha256"):
+    with pytest.raises(download.DownloadCorrupt, match="sha256"):
         download.fetch_official(v, url=server["url"], directory=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_size_pin_catches_truncation(server, tmp_path):
-    server["body"] = PAYLOAD[:1000]
+    server["files"]["/w.pth"] = PAYLOAD[:1000]
     v = variant_with(size=len(PAYLOAD))
-    with pytest.raises(download.WeightsCorrupt, match="truncated"):
+    with pytest.raises(download.DownloadCorrupt, match="truncated"):
         download.fetch_official(v, url=server["url"], directory=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
@@ -72,7 +50,7 @@ def test_size_pin_catches_truncation(server, tmp_path):
 def test_prefix_pin(server, tmp_path):
     prefix = hashlib.sha256(PAYLOAD).hexdigest()[:16]
     download.fetch_official(variant_with(sha256_prefix=prefix), url=server["url"], directory=tmp_path)
-    with pytest.raises(download.WeightsCorrupt, match="prefix"):
+    with pytest.raises(download.DownloadCorrupt, match="prefix"):
         download.fetch_official(variant_with(sha256_prefix="ffff" * 4), url=server["url"],
                                 directory=tmp_path / "other")
 
@@ -89,7 +67,7 @@ def test_first_download_records_sha256_then_verifies(server, tmp_path):
 
 def test_no_network_says_how_to_pass_a_file(server, tmp_path):
     url = server["url"].replace("/w.pth", "/missing.pth")
-    with pytest.raises(download.WeightsUnavailable, match=r"CKPT=/path/to/w\.pth"):
+    with pytest.raises(download.DownloadUnavailable, match=r"CKPT=/path/to/w\.pth"):
         download.fetch_official(variant_with(), url=url, directory=tmp_path)
     assert list(tmp_path.iterdir()) == []
 

@@ -109,7 +109,7 @@ def test_hf_hub_checkpoint_offline_from_the_hub_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub_constants
     from safetensors.torch import save_file
 
-    from pipeline.download import WeightsUnavailable
+    from pipeline.download import DownloadUnavailable
     from pipeline.stages import load
 
     weights = tmp_path / "model.safetensors"
@@ -136,7 +136,7 @@ def test_hf_hub_checkpoint_offline_from_the_hub_cache(tmp_path, monkeypatch):
     # The wrong variant gets the usual advice; a repository not in the cache, offline, says what to do.
     with pytest.raises(ck.CheckpointError, match="looks like m1: use VARIANT=m1"):
         load.load(load.LoadConfig(variant="m0.9", checkpoint="hf-hub:timm/repvit_m1.dist_in1k"), tmp_path)
-    with pytest.raises(WeightsUnavailable, match="not in the local hub cache"):
+    with pytest.raises(DownloadUnavailable, match="not in the local hub cache"):
         load.load(load.LoadConfig(variant="m3", checkpoint="hf-hub:timm/repvit_m3.dist_in1k"), tmp_path)
     with pytest.raises(ValueError, match=r"hf-hub:<org>/<name>\[@revision\]"):
         load.load(load.LoadConfig(variant="m3", checkpoint="hf-hub:repvit_m3"), tmp_path)

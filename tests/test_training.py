@@ -46,8 +46,9 @@ def trained_model(trained, folder: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def onnx_int8(model, trained, path: Path) -> np.ndarray:
-    ctx = ExportContext("int8", trained.meta, "m0.6", path, trained.calibration, None)
+def onnx_int8(model, trained, path: Path, ranges: dict | None = None) -> np.ndarray:
+    ctx = ExportContext("qat-int8" if ranges else "int8", trained.meta, "m0.6", path, trained.calibration, None,
+                        activation_ranges=ranges or {})
     get_exporter("onnx").export(model, ctx, OnnxConfig())
     return run_onnx(path, normalized(trained.check, trained.meta))
 
@@ -91,9 +92,33 @@ def test_qat_model_stays_faithful_in_onnxruntime(trained, tmp_path):
     assert facts["holdout_agreement_after"] >= 0.97
     reference = trained.fused(torch.from_numpy(normalized(trained.check, trained.meta))).detach().numpy()
     ptq = fidelity(reference, onnx_int8(trained.fused, trained, tmp_path / "ptq.onnx"))
-    qat = fidelity(reference, onnx_int8(trained_model(trained, folder), trained, tmp_path / "qat.onnx"))
+    ranges = torch.load(folder / RESULT, weights_only=True)["activation_ranges"]
+    qat = fidelity(reference, onnx_int8(trained_model(trained, folder), trained, tmp_path / "qat.onnx", ranges))
     assert qat["top1_agreement"] >= ptq["top1_agreement"] - 1 / len(reference), (ptq, qat)
     assert qat["sqnr_db"] > 20, qat
+
+    # QAT's ranges reached the artifact: every conv / linear has its input and output range,
+    # and the DequantizeLinear feeding each layer carries exactly its input range's scale and
+    # zero point (onnxruntime calibrated nothing of its own there).
+    layers = {n for n, m in trained.fused.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    assert set(ranges) == layers and all(set(r) == {"input", "output"} for r in ranges.values())
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(tmp_path / "qat.onnx"))
+    init = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    checked = 0
+    for n in proto.graph.node:
+        if n.op_type in ("Conv", "Gemm"):
+            layer = producer[n.input[1]].input[0].removesuffix("_quantized").removesuffix(".weight")
+            dq = producer[n.input[0]]
+            assert dq.op_type == "DequantizeLinear", layer
+            lo, hi = ranges[layer]["input"]
+            scale, zp = float(init[dq.input[1]]), int(init[dq.input[2]])
+            assert scale == pytest.approx((hi - lo) / 255, rel=1e-5) and zp == round(-lo / scale), layer
+            checked += 1
+    assert checked == len(layers)
 
 
 @pytest.mark.slow

@@ -30,6 +30,8 @@ class ExportContext:
     calibration: Optional[np.ndarray] = None   # uint8 NHWC crops
     check_inputs: Optional[np.ndarray] = None  # uint8 NHWC natural crops for parity checks
     float_layers: tuple[str, ...] = ()         # fused-model layers the int8 scheme keeps in float
+    # qat-int8: {layer: {"input": [lo, hi], "output": [lo, hi]}}, the ranges QAT trained with
+    activation_ranges: dict = field(default_factory=dict)
 
     @property
     def int8(self) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ class OnnxConfig:
     # them into histograms (0: all). Peak memory grows with it: m0.9 at 224 px, 256 images,
     # 0 -> 13 GB, 16 -> 1.7 GB (the whole default deploy: 2.0 GB).
     calibration_stride: int = 16
+    # qat-int8: QAT's learned activation ranges replace onnxruntime's calibrated ones for
+    # every conv / linear input and output (TensorQuantOverrides); other tensors calibrate.
+    qat_ranges: bool = True
 
     def validate(self):
         if not 90.0 <= self.percentile <= 100.0:
@@ -152,10 +155,53 @@ def calibration_stride(n: int, most: int = 16) -> int:
 RANGES_OF = {"minmax": "min/max", "percentile": "percentile {:g}", "entropy": "entropy"}   # what the facts say
 
 
+SHAPE_ONLY = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose")
+
+
+def range_overrides(proto, ranges: dict) -> dict:
+    """onnxruntime ``TensorQuantOverrides`` for the graph's Conv / Gemm inputs and outputs
+    from ``ranges`` (layer -> {"input", "output": [lo, hi]}), found by weight name (the
+    dynamo exporter names each weight ``<layer>.weight``). Every layer must be found."""
+    by_weight = {n.input[1]: n for n in proto.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 1}
+    missing = [layer for layer in ranges if f"{layer}.weight" not in by_weight]
+    if missing:
+        raise ExportError(f"QAT ranges name {len(missing)} layer(s) the ONNX graph does not have, "
+                          f"e.g. {missing[:3]}")
+    consumers: dict[str, list] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    overrides = {}
+    for layer, r in ranges.items():
+        if "output" in r:
+            node, (lo, hi) = by_weight[f"{layer}.weight"], r["output"]
+            out, after = node.output[0], consumers.get(node.output[0], [])
+            if len(after) == 1 and after[0].op_type == "Relu":
+                # onnxruntime drops a Relu after a quantized Conv and lets the Relu's range clip
+                # (its zero point at 0): the range goes there, its negative part cut.
+                out, lo = after[0].output[0], max(lo, 0.0)
+            overrides[out] = [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    for layer, r in ranges.items():
+        # A layer's input range is its input tensor's own (after any Relu): it wins over
+        # the producing layer's output range where both name one tensor. onnxruntime gives
+        # a shape-only op's output its input's parameters, so the range goes up through them.
+        if "input" in r:
+            tensor = by_weight[f"{layer}.weight"].input[0]
+            while True:
+                overrides[tensor] = [{"rmin": np.float32(r["input"][0]), "rmax": np.float32(r["input"][1])}]
+                up = producer.get(tensor)
+                if up is None or up.op_type not in SHAPE_ONLY:
+                    break
+                tensor = up.input[0]
+    return overrides
+
+
 def quantize_int8(path: Path, calibration: np.ndarray, cfg: OnnxConfig,
-                  float_layers: tuple[str, ...] = ()) -> None:
+                  float_layers: tuple[str, ...] = (), ranges: Optional[dict] = None) -> int:
     """Static QDQ quantization in place: per-channel symmetric int8 weights, per-tensor
-    activations calibrated on ``calibration`` (float NCHW, normalized)."""
+    activations calibrated on ``calibration`` (float NCHW, normalized), except those
+    ``ranges`` gives (QAT's); returns how many tensors took their range from there."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -191,6 +237,7 @@ def quantize_int8(path: Path, calibration: np.ndarray, cfg: OnnxConfig,
             if len(exclude) != len(keep):
                 raise ExportError(f"could not find {len(keep) - len(exclude)} of the layers to keep "
                                   "in float in the ONNX graph")
+            overrides = range_overrides(onnx.load(str(pre)), ranges) if ranges else {}
             quantize_static(
                 str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8 if cfg.activations == "uint8" else QuantType.QInt8,
@@ -199,17 +246,20 @@ def quantize_int8(path: Path, calibration: np.ndarray, cfg: OnnxConfig,
                                   "entropy": CalibrationMethod.Entropy}[cfg.calibration],
                 nodes_to_exclude=exclude,
                 extra_options={"WeightSymmetric": True, "ActivationSymmetric": cfg.activations == "int8",
-                               "CalibPercentile": cfg.percentile,
+                               "CalibPercentile": cfg.percentile, "TensorQuantOverrides": overrides,
                                **({"CalibStridedMinMax": calibration_stride(len(calibration), cfg.calibration_stride)}
                                   if cfg.calibration_stride else {})})
             if exclude:
                 proto = onnx.load(str(path))
                 unquantize_outputs(proto, exclude)
                 onnx.save(proto, str(path))
+    except ExportError:
+        raise
     except Exception as e:
         raise ExportError(f"ONNX int8 quantization failed: {type(e).__name__}: {e}") from e
     finally:
         pre.unlink(missing_ok=True)
+    return len(overrides)
 
 
 def unquantize_outputs(proto, names: list[str]) -> None:
@@ -283,10 +333,13 @@ class OnnxExporter(SchemeSupport):
             facts["precision"] = ("float32: onnxruntime's CPU provider has no float16 kernels that "
                                   "would make an fp16 graph faster, so the ONNX model stays fp32")
         if ctx.int8:
-            quantize_int8(path, normalized(ctx.calibration, ctx.meta), cfg, ctx.float_layers)
+            ranges = ctx.activation_ranges if cfg.qat_ranges else {}
+            carried = quantize_int8(path, normalized(ctx.calibration, ctx.meta), cfg, ctx.float_layers, ranges)
             facts["precision"] = (f"int8 QDQ: weights int8 per channel (symmetric), activations "
                                   f"{cfg.activations} per tensor, "
-                                  f"{RANGES_OF[cfg.calibration].format(cfg.percentile)} calibration on "
+                                  + (f"{carried} tensors' ranges learned by QAT (TensorQuantOverrides), the rest "
+                                     if carried else "")
+                                  + f"{RANGES_OF[cfg.calibration].format(cfg.percentile)} calibration on "
                                   f"{len(ctx.calibration)} images (onnxruntime.quantization; "
                                   f"{ctx.weights_origin})")
         proto = onnx.load(str(path))

@@ -30,6 +30,13 @@ class EqualizeError(ValueError):
     pass
 
 
+def check_alpha(alpha: float) -> None:
+    """A recipe's ``equalize_alpha`` (quantize and qat sections)."""
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"equalize_alpha {alpha} is outside (0, 1] (0.5 balances activation and "
+                         "weight resolution)")
+
+
 def _rows(layer: nn.Module, s: torch.Tensor) -> None:
     layer.weight.mul_(s.view(-1, *[1] * (layer.weight.dim() - 1)))
     layer.bias.mul_(s)

@@ -36,7 +36,8 @@ STAGES = {s.name: s for s in [
     # Core ML's QAT trains under the activation scheme its int8 export calibrates with.
     Stage("qat", qat.run, needs=("reparam",), sections=("data", "export.coreml"), fingerprint=qat.fingerprint,
           resumable=True,
-          code=("pipeline.stages.qat", "pipeline.training", "pipeline.fakequant", "pipeline.torchrun", *MODEL_CODE, *DATA_CODE),
+          code=("pipeline.stages.qat", "pipeline.training", "pipeline.fakequant", "pipeline.torchrun",
+                "pipeline.models.equalize", *MODEL_CODE, *DATA_CODE),
           libraries=("torch", "torchao", "coremltools", "pillow")),
     Stage("quantize", quantize.run, needs=("reparam",), uses=("qat",), sections=("data",),
           fingerprint=quantize.fingerprint,

@@ -72,9 +72,9 @@ def run(cfg: ExportConfig, inputs: dict, out_dir: Path) -> dict:
             artifacts.append({"format": name, "path": None, "skipped": reason})
             print(f"    {name}: skipped: {reason}", file=sys.stderr)
             continue
-        model = model_for(name, quant, scheme, fused)
+        model, ranges = model_for(name, quant, scheme, fused)
         ctx = ExportContext(scheme, ckpt.meta, fused.variant.name, out_dir / (stem + exporter.suffix),
-                            calibration, check)
+                            calibration, check, activation_ranges=ranges)
         result, budget = export_within_budget(exporter, model, ctx, getattr(cfg, name), quant, quant_facts,
                                               reference=fused)
         artifacts.append({"format": name, "path": result.path.name, **result.facts,
@@ -84,15 +84,17 @@ def run(cfg: ExportConfig, inputs: dict, out_dir: Path) -> dict:
     return {"scheme": scheme, "variant": fused.variant.name, "artifacts": artifacts}
 
 
-def model_for(fmt: str, quant: Path, scheme: str, fused):
-    """The model to export as ``fmt``: QAT's fine-tuned one for that format, else the fused one."""
+def model_for(fmt: str, quant: Path, scheme: str, fused) -> tuple[torch.nn.Module, dict]:
+    """The model to export as ``fmt`` and the activation ranges QAT trained it with: QAT's
+    fine-tuned one for that format, else the fused one (no ranges)."""
     trained = quant / model_file(fmt)
     if trained.exists():
-        return load_model(trained)[0]
+        model, ckpt = load_model(trained)
+        return model, (ckpt.meta.get("qat") or {}).get("activation_ranges") or {}
     if scheme == "qat-int8":
         raise ExportError(f"no QAT model for {fmt}: add {fmt} to qat.formats (it lists the formats "
                           "QAT trains for)")
-    return fused
+    return fused, {}
 
 
 def probabilities(fmt: str, ctx: ExportContext, pixels: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import Optional
 
 from ..checkpoints import build_model, parse, read_file, save_pipeline_checkpoint
 from ..data import imagenet_classes
-from ..download import HUB_PREFIX, WeightsUnavailable, fetch_hub, fetch_official, hub_meta, parse_hub_spec
+from ..download import HUB_PREFIX, DownloadUnavailable, fetch_hub, fetch_official, hub_meta, parse_hub_spec
 from ..hashing import sha256_file
 from ..models.init import randomize_bn
 from ..models.repvit import create_model
@@ -75,7 +75,7 @@ def _official(variant_name: str) -> tuple[Optional[Path], str]:
     try:
         path, digest = fetch_official(get_variant(variant_name))
         return path, digest
-    except WeightsUnavailable as e:
+    except DownloadUnavailable as e:
         return None, f"unavailable: {e}"
 
 

@@ -23,7 +23,7 @@ from ..runner import facts_of
 from ..data import (DataConfig, DataError, budget_set, calibration_pixels, fingerprint_data,
                     resolve_sets)
 from ..formats import normalized
-from ..models.equalize import equalize_residual_stream
+from ..models.equalize import check_alpha, equalize_residual_stream
 from ..sensitivity import layer_sensitivity
 from ..progress import Progress
 from .reparam import preprocess_of
@@ -52,9 +52,7 @@ class QuantizeConfig:
     equalize_alpha: float = 0.5
 
     def validate(self):
-        if not 0.0 < self.equalize_alpha <= 1.0:
-            raise ValueError(f"equalize_alpha {self.equalize_alpha} is outside (0, 1] (0.5 balances "
-                             "activation and weight resolution)")
+        check_alpha(self.equalize_alpha)
 
 
 def fingerprint(cfg: QuantizeConfig, data: DataConfig) -> dict:
@@ -110,7 +108,7 @@ def run(cfg: QuantizeConfig, inputs: dict, out_dir: Path, data: DataConfig) -> d
         np.save(out_dir / "calibration_pixels.npy", pixels)
         facts["calibration"] = {"images": int(len(pixels)), "source": sets.calib_description}
         if cfg.equalize and cfg.scheme == "int8":
-            # Not after QAT: its student learned under the unequalized ranges.
+            # qat-int8: QAT equalized before training (its models are equalized already).
             model, _ = load_model(out_dir / "model.pt")
             equalized, facts["equalization"] = equalize_residual_stream(
                 model, torch.from_numpy(normalized(pixels, ckpt.meta)), cfg.equalize_alpha)
