@@ -136,7 +136,7 @@ def test_qat_int8_deploy_trains_once_and_hands_its_model_to_export(tiny, tmp_pat
     qat = ("qat.steps=6 qat.batch_size=4 qat.warmup_steps=1 qat.freeze_observers_step=4 "
            "qat.calibration_batches=1 qat.formats=[onnx] export.formats=[onnx] "
            "quantize.min_calibration_images=4 data.calib_images=6 data.budget_images=16 "
-           "quantize.max_float_layers=1")
+           "quantize.max_float_layers=1 export.onnx.qat_ranges=true")
 
     def run(extra=""):
         cmd = [sys.executable, "-m", "pipeline", "deploy", "--quant", "qat-int8", "--variant", "m0.6",

@@ -49,7 +49,7 @@ def trained_model(trained, folder: Path) -> torch.nn.Module:
 def onnx_int8(model, trained, path: Path, ranges: dict | None = None) -> np.ndarray:
     ctx = ExportContext("qat-int8" if ranges else "int8", trained.meta, "m0.6", path, trained.calibration, None,
                         activation_ranges=ranges or {})
-    get_exporter("onnx").export(model, ctx, OnnxConfig())
+    get_exporter("onnx").export(model, ctx, OnnxConfig(qat_ranges=True))
     return run_onnx(path, normalized(trained.check, trained.meta))
 
 
