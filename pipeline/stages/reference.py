@@ -32,9 +32,13 @@ def run(cfg: ReferenceConfig, inputs: dict, out_dir: Path) -> dict:
     logits = np.lib.format.open_memmap(out_dir / "logits.npy", "w+", np.float32,
                                        (len(pixels), ckpt.num_classes))
     step = max(cfg.batch_size, 64)
+    # Channels-last: oneDNN's convolutions skip their layout reorders (m0.9, 224 px, batch
+    # 16, 2 threads: 0.20 s against 0.23 s per batch).
+    model = model.to(memory_format=torch.channels_last)
     with Progress(len(pixels), "float reference on images") as bar, torch.no_grad():
         for s in range(0, len(pixels), step):
-            logits[s:s + step] = model(torch.from_numpy(normalized(pixels[s:s + step], ckpt.meta))).numpy()
+            x = torch.from_numpy(normalized(pixels[s:s + step], ckpt.meta)).contiguous(memory_format=torch.channels_last)
+            logits[s:s + step] = model(x).numpy()
             bar.update(len(pixels[s:s + step]))
     logits.flush()
     dataset = facts_of(inputs["images"])["dataset"]

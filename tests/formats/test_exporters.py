@@ -68,6 +68,11 @@ def test_coreml_fp32_package_and_interpreter(trained, tmp_path):
     # One batch through the batch-1 program (reshapes take the batch) gives the same rows.
     batched = interp.run(x)
     assert batched.shape == probs.shape and np.abs(batched - probs).max() <= 1e-6
+    # Each intermediate is dropped after its last reader; keeping them all gives the same bits.
+    assert sum(map(len, interp._free_after.values())) > r.facts["ops"]["conv"]
+    keep_all = MilInterpreter(r.path)
+    keep_all._free_after = {}
+    assert np.array_equal(keep_all.run(x), batched)
 
 
 def test_coreml_fp16_weights_within_fp16_rounding(trained, tmp_path):
