@@ -82,7 +82,8 @@ def fetch_public_set(name: str, url: Optional[str] = None, directory: Optional[P
     """The folder of ``name``'s images (one sub-folder per wnid), downloading and extracting
     the archive the first time. The archive is verified (size, md5; its sha256 recorded),
     only its ``images`` folder is extracted (tar's ``data`` filter: no links out, no absolute
-    paths), into a temporary folder renamed into place, then the archive is deleted."""
+    paths), into a temporary folder renamed into place, then the archive is deleted (an
+    interrupted extraction keeps it, verified, for the next run)."""
     s = PUBLIC_SETS[name]
     folder = folder_of(name, directory)
     if folder.is_dir():
@@ -103,18 +104,28 @@ def fetch_public_set(name: str, url: Optional[str] = None, directory: Optional[P
             for m in members:
                 m.name = m.name[len(prefix):]
             tar.extractall(tmp, members=members, filter="data")
-        os.replace(tmp, folder)
-        if digest:
-            (folder.parent / f"{name}.sha256").write_text(digest + "\n")
-    except tarfile.TarError as e:
-        raise DownloadCorrupt(f"{archive.name} is not a readable tar.gz ({e})") from None
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not folder.is_dir():   # else a concurrent deploy put the same set in place first
+                raise
+    except (tarfile.TarError, DownloadCorrupt) as e:
+        _discard(archive)   # refused: fetched afresh next time
+        raise e if isinstance(e, DownloadCorrupt) else DownloadCorrupt(
+            f"{archive.name} is not a readable tar.gz ({e})") from None
     finally:
-        # Extracted or refused, the archive goes (a refused one is fetched afresh next time).
-        for f in (archive, archive.with_name(archive.name + ".sha256")):
-            f.unlink(missing_ok=True)
+        # An interrupted extraction keeps the verified archive: the next run extracts it again.
         if tmp.exists():
             shutil.rmtree(tmp)
+    if digest:
+        (folder.parent / f"{name}.sha256").write_text(digest + "\n")
+    _discard(archive)
     return folder
+
+
+def _discard(archive: Path) -> None:
+    for f in (archive, archive.with_name(archive.name + ".sha256")):
+        f.unlink(missing_ok=True)
 
 
 def archive_sha256(name: str, directory: Optional[Path] = None) -> Optional[str]:

@@ -77,6 +77,21 @@ def test_md5_and_size_pins_leave_nothing(served, monkeypatch):
     assert not public_sets.sets_dir().exists() or not any(public_sets.sets_dir().iterdir())
 
 
+def test_interrupted_extraction_resumes_without_downloading(served, monkeypatch):
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(tarfile.TarFile, "extractall", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            public_sets.fetch_public_set("imagenette-320")
+    assert public_sets.extracted("imagenette-320") is None
+    assert sorted(p.name for p in public_sets.sets_dir().iterdir()) == [
+        "imagenette2-320.tgz", "imagenette2-320.tgz.sha256"], "the verified archive is kept, no partial folder"
+    served["files"].clear()   # the next run must not need the network
+    folder = public_sets.fetch_public_set("imagenette-320")
+    assert len(list(folder.rglob("*.JPEG"))) == 6 and served["requests"] == 1
+
+
 def pin_to(monkeypatch, served, data: bytes) -> None:
     served["files"]["/imagenette2-320.tgz"] = data
     s = public_sets.PUBLIC_SETS["imagenette-320"]
