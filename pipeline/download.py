@@ -68,8 +68,9 @@ def _check(path: Path, pins: Pins, recorded: Optional[str]) -> str:
     if pins.sha256_prefix and not digest.startswith(pins.sha256_prefix):
         raise DownloadCorrupt(f"{path.name}: sha256 {digest} does not start with the recorded "
                               f"prefix {pins.sha256_prefix}")
-    if pins.md5 and _md5(path) != pins.md5:
-        raise DownloadCorrupt(f"{path.name}: md5 {_md5(path)} does not match the published {pins.md5}")
+    md5 = _md5(path) if pins.md5 else None
+    if md5 != pins.md5:
+        raise DownloadCorrupt(f"{path.name}: md5 {md5} does not match the published {pins.md5}")
     return digest
 
 
@@ -80,9 +81,14 @@ def _progress(done: int, total: Optional[int], name: str) -> None:
     print(f"\r  downloading {name}: {pct}", end="", file=sys.stderr, flush=True)
 
 
+def record_path(path: Path) -> Path:
+    """Where the sha256 of ``path``'s first download is recorded: ``<file>.sha256`` beside it."""
+    return path.with_name(path.name + ".sha256")
+
+
 def recorded_sha256(path: Path) -> Optional[str]:
-    """The sha256 recorded at ``path``'s first download, if any (``<file>.sha256``)."""
-    record = path.with_name(path.name + ".sha256")
+    """The sha256 recorded for ``path``, if any."""
+    record = record_path(path)
     return record.read_text().strip() if record.exists() else None
 
 
@@ -123,7 +129,7 @@ def fetch_file(url: str, path: Path, pins: Pins, what: str, instead: str,
         digest = _check(tmp, pins, recorded)
         os.replace(tmp, path)
         if not pins.sha256 and not recorded:
-            path.with_name(path.name + ".sha256").write_text(digest + "\n")
+            record_path(path).write_text(digest + "\n")
         return path, digest
     finally:
         if tmp.exists():

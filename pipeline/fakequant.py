@@ -162,13 +162,10 @@ class TorchaoPT2E:
                 weight = weight.args[0]
             if weight.op != "get_attr":
                 continue
-            entry = {}
-            if fake_quant(n.args[0]) is not None:
-                entry["input"] = real_range(fake_quant(n.args[0]))
-            outputs = [fake_quant(u) for u in n.users if fake_quant(u) is not None]
-            if outputs:
-                entry["output"] = real_range(outputs[0])
-            ranges[weight.target.rpartition(".")[0]] = entry
+            sides = {"input": fake_quant(n.args[0]),
+                     "output": next((fq for fq in map(fake_quant, n.users) if fq is not None), None)}
+            ranges[weight.target.rpartition(".")[0]] = {k: real_range(fq) for k, fq in sides.items()
+                                                         if fq is not None}
         return ranges
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .download import HUB_PREFIX, DownloadCorrupt, Pins, cache_root, fetch_file, recorded_sha256
+from .download import HUB_PREFIX, DownloadCorrupt, Pins, cache_root, fetch_file, record_path, recorded_sha256
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,6 @@ class PublicSet:
     url: str
     pins: Pins
     images: str           # the folder of the archive that is used: one sub-folder per ImageNet wnid
-    short_side: int       # pixels: the images' shorter side
     about: str
 
 
@@ -37,10 +36,10 @@ IMAGENETTE = ("Imagenette (fast.ai): the training split of 10 ImageNet-1k classe
 PUBLIC_SETS: dict[str, PublicSet] = {s.name: s for s in [
     PublicSet("imagenette-320", "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-320.tgz",
               Pins(size=341_663_724, md5="3df6f0d01a2c9592104656642f5e78a3"),
-              "imagenette2-320/train", 320, IMAGENETTE + ", shorter side 320 px"),
+              "imagenette2-320/train", IMAGENETTE + ", shorter side 320 px"),
     PublicSet("imagenette-160", "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz",
               Pins(size=99_003_388, md5="e793b78cc4c9e9a4ccc0c1155377a412"),
-              "imagenette2-160/train", 160, IMAGENETTE + ", shorter side 160 px (for inputs of at "
+              "imagenette2-160/train", IMAGENETTE + ", shorter side 160 px (for inputs of at "
               "most 152 px at crop 0.95: larger inputs would be upscaled)"),
 ]}
 
@@ -117,17 +116,16 @@ def fetch_public_set(name: str, url: Optional[str] = None, directory: Optional[P
         # An interrupted extraction keeps the verified archive: the next run extracts it again.
         if tmp.exists():
             shutil.rmtree(tmp)
-    if digest:
-        (folder.parent / f"{name}.sha256").write_text(digest + "\n")
+    if digest:   # the archive's, recorded beside the folder it became
+        record_path(folder).write_text(digest + "\n")
     _discard(archive)
     return folder
 
 
 def _discard(archive: Path) -> None:
-    for f in (archive, archive.with_name(archive.name + ".sha256")):
+    for f in (archive, record_path(archive)):
         f.unlink(missing_ok=True)
 
 
 def archive_sha256(name: str, directory: Optional[Path] = None) -> Optional[str]:
-    record = folder_of(name, directory).parent / f"{name}.sha256"
-    return record.read_text().strip() if record.exists() else None
+    return recorded_sha256(folder_of(name, directory))

@@ -43,12 +43,10 @@ def archive(per_class: int = 3, extra: dict | None = None) -> bytes:
 @pytest.fixture
 def served(loopback, monkeypatch):
     """imagenette-320 pointed at the loopback server, pinned to the served archive."""
-    body = archive()
-    loopback["files"]["/imagenette2-320.tgz"] = body
     s = public_sets.PUBLIC_SETS["imagenette-320"]
-    monkeypatch.setitem(public_sets.PUBLIC_SETS, "imagenette-320", dataclasses.replace(
-        s, url=loopback["base"] + "/imagenette2-320.tgz",
-        pins=Pins(size=len(body), md5=hashlib.md5(body).hexdigest())))
+    monkeypatch.setitem(public_sets.PUBLIC_SETS, "imagenette-320",
+                        dataclasses.replace(s, url=loopback["base"] + "/imagenette2-320.tgz"))
+    pin_to(monkeypatch, loopback, archive())
     return loopback
 
 

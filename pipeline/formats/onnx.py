@@ -160,6 +160,20 @@ RANGES_OF = {"minmax": "min/max", "percentile": "percentile {:g}", "entropy": "e
 SHAPE_ONLY = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose")
 
 
+def consumers_of(graph) -> dict[str, list]:
+    """Tensor name -> the nodes that read it."""
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return consumers
+
+
+def _range(lo: float, hi: float) -> list[dict]:
+    """A per-tensor TensorQuantOverrides entry."""
+    return [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+
+
 def range_overrides(proto, ranges: dict) -> dict:
     """onnxruntime ``TensorQuantOverrides`` for the graph's Conv / Gemm inputs and outputs
     from ``ranges`` (layer -> {"input", "output": [lo, hi]}), found by weight name (the
@@ -169,10 +183,7 @@ def range_overrides(proto, ranges: dict) -> dict:
     if missing:
         raise ExportError(f"QAT ranges name {len(missing)} layer(s) the ONNX graph does not have, "
                           f"e.g. {missing[:3]}")
-    consumers: dict[str, list] = {}
-    for n in proto.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = consumers_of(proto.graph)
     overrides = {}
     for layer, r in ranges.items():
         if "output" in r:
@@ -182,7 +193,7 @@ def range_overrides(proto, ranges: dict) -> dict:
                 # onnxruntime drops a Relu after a quantized Conv and lets the Relu's range clip
                 # (its zero point at 0): the range goes there, its negative part cut.
                 out, lo = after[0].output[0], max(lo, 0.0)
-            overrides[out] = [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+            overrides[out] = _range(lo, hi)
     producer = {o: n for n in proto.graph.node for o in n.output}
     for layer, r in ranges.items():
         # A layer's input range is its input tensor's own (after any Relu): it wins over
@@ -191,7 +202,7 @@ def range_overrides(proto, ranges: dict) -> dict:
         if "input" in r:
             tensor = by_weight[f"{layer}.weight"].input[0]
             while True:
-                overrides[tensor] = [{"rmin": np.float32(r["input"][0]), "rmax": np.float32(r["input"][1])}]
+                overrides[tensor] = _range(*r["input"])
                 up = producer.get(tensor)
                 if up is None or up.op_type not in SHAPE_ONLY:
                     break
@@ -273,10 +284,7 @@ def unquantize_outputs(proto, names: list[str]) -> None:
     the pair after it (or after the Relu / Clip it feeds), the layer really computes in
     float; its consumers read float too."""
     graph = proto.graph
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = consumers_of(graph)
     outputs = {o.name for o in graph.output}
     by_name = {n.name: n for n in graph.node}
     dropped = []

@@ -72,7 +72,7 @@ class MilInterpreter:
         for i, op in enumerate(self.ops):
             for var in self._inputs[id(op)].values():
                 for v in (var if isinstance(var, (list, tuple)) else (var,)):
-                    if getattr(v, "name", None) not in self.consts:
+                    if v.name not in self.consts:
                         last_read[v.name] = i
         kept = {v.name for v in self.main.outputs}
         self._free_after: dict[int, list[str]] = {}

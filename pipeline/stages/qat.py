@@ -112,16 +112,16 @@ def run(cfg: QatConfig, inputs: dict, out_dir: Path, data: DataConfig, scratch: 
     fused, ckpt = load_model(teacher_path)
     pre = preprocess_of(ckpt.meta)
     facts = {}
+    resuming = (scratch / "pixels.npy").exists()   # the training images were chosen already
+    sets = resolve_sets(data, ckpt.meta["classes"]) if cfg.equalize or not resuming else None
     if cfg.equalize:
         # Deterministic: a resumed run computes the same model again.
-        sets = resolve_sets(data, ckpt.meta["classes"])
         pixels = calibration_pixels(sets, data, pre)
         fused, facts["equalization"] = equalize_residual_stream(
             fused, torch.from_numpy(normalized(pixels, ckpt.meta)), cfg.equalize_alpha)
         teacher_path = scratch / "equalized.pt"
         save_pipeline_checkpoint(teacher_path, fused, ckpt.meta)
-    if not (scratch / "pixels.npy").exists():   # else: resuming, images already chosen
-        sets = resolve_sets(data, ckpt.meta["classes"])
+    if not resuming:
         with Progress(cfg.train_images, "QAT images") as bar:
             pixels, labels, holdout, description = training_pixels(sets, data, pre, cfg.train_images,
                                                                    bar.update)
