@@ -6,17 +6,27 @@ Both runs go through the pipeline itself with the accuracy-aware pass off
 calibration images, the same per-format int8 tools, QAT trained on CIFAR-10 training
 images and everything scored on test images. Goals (issue: faithful int8): QAT agrees
 with float on at least 99% of test images in every format, within 0.1 top-1 points of
-float; the older one, QAT recovers at least half of the PTQ drop, is printed too. Never fails on a miss: it reports it."""
+float; the older one, QAT recovers at least half of the PTQ drop, is printed too. Never fails on a miss: it reports it.
+
+QAT at training scale needs a GPU; the rest runs anywhere. So the two halves can run on
+different machines: ``--train-only DIR`` (on the GPU machine) runs load, reparam and qat
+and writes the QAT models and their facts to DIR; ``--qat-models DIR`` (here) scores those
+models instead of training, through the same quantize, export and validate stages. The
+imported models' sha256 digests are part of the qat stage's cache key."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared import REFERENCE, ROOT, require_shared, unpacked  # noqa: E402
-from pipeline.deploy import RunOptions, deploy, log_stderr  # noqa: E402
+from pipeline.deploy import RunOptions, deploy, log_stderr, resolve_recipe  # noqa: E402
+from pipeline.hashing import sha256_file  # noqa: E402
 
 
 def goal_met(ptq_drop: float, qat_drop: float) -> str:
@@ -27,18 +37,67 @@ def goal_met(ptq_drop: float, qat_drop: float) -> str:
     return f"{'yes' if ok else 'NO'} (recovered {100 * recovered:.0f}%)"
 
 
+def train_only(opts: RunOptions, out: Path) -> None:
+    """Run the recipe's stages up to qat; copy the QAT models and facts to ``out``."""
+    from pipeline.runner import Cache, facts_of, run_stages
+    from pipeline.stages import plan
+
+    recipe = resolve_recipe(opts)
+    records = run_stages(plan(["load", "reparam", "qat"], recipe.sections), recipe.sections,
+                         Cache(opts.artifacts / "cache"), log=log_stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    for model in sorted(records["qat"].dir.glob("model.*.pt")):
+        shutil.copy(model, out / model.name)
+    (out / "facts.json").write_text(json.dumps(facts_of(records["qat"].dir), indent=1))
+
+
+def import_qat_models(folder: Path) -> None:
+    """Make the qat stage copy the models in ``folder`` (``--train-only``'s output) instead
+    of training; their digests key its cache entries."""
+    from pipeline import stages
+
+    models = sorted(folder.glob("model.*.pt"))
+    if not models:
+        raise SystemExit(f"--qat-models {folder}: no model.<format>.pt files there")
+    digests = {m.name: sha256_file(m) for m in models}
+    facts = json.loads((folder / "facts.json").read_text())
+
+    def run(cfg, inputs, out_dir, data, scratch, coreml=None):
+        missing = [f for f in cfg.formats if f"model.{f}.pt" not in digests]
+        if missing:
+            raise SystemExit(f"--qat-models {folder}: no model for {', '.join(missing)}")
+        for f in cfg.formats:
+            shutil.copy(folder / f"model.{f}.pt", out_dir / f"model.{f}.pt")
+        return {**facts, "imported_from": str(folder)}
+
+    stages.STAGES["qat"] = dataclasses.replace(
+        stages.STAGES["qat"], run=run, fingerprint=lambda cfg, **_: {"imported": digests})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--eval-images", type=int, default=10000)
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides for QAT, e.g. qat.steps=600")
+    ap.add_argument("--train-only", type=Path, metavar="DIR",
+                    help="run QAT alone (e.g. on a GPU machine) and write its models and facts to DIR")
+    ap.add_argument("--qat-models", type=Path, metavar="DIR",
+                    help="score the QAT models in DIR (written by --train-only) instead of training")
     args = ap.parse_args()
     require_shared()
     cifar = unpacked("cifar10-jpg.tar.gz", "cifar10")
     common = ("validate.latency_runs=5", f"data.eval_images={args.eval_images}", "quantize.max_drop=null")
     base = dict(checkpoint=str(REFERENCE), data=str(cifar / "test"), calib=str(cifar / "train"),
                 artifacts=ROOT / "artifacts" / "bench")
+    if args.train_only:
+        train_only(RunOptions(quant="qat-int8", sets=common + tuple(args.set), **base), args.train_only)
+        return
     ptq, _ = deploy(RunOptions(quant="int8", sets=common, **base), log_stderr)
-    qat, _ = deploy(RunOptions(quant="qat-int8", sets=common + tuple(args.set), **base), log_stderr)
+    qat_run = RunOptions(quant="qat-int8", sets=common + tuple(args.set), **base)
+    if args.qat_models:   # its own folder; forced: the published-report shortcut cannot see the models
+        import_qat_models(args.qat_models.resolve())
+        qat_run = dataclasses.replace(qat_run, artifacts=ROOT / "artifacts" / "bench-imported-qat",
+                                      force=("qat",))
+    qat, _ = deploy(qat_run, log_stderr)
     ref = ptq["reference"]["accuracy"]
     print(f"\nRepViT-M0.9 CIFAR-10 reference, {ref['n']} test images; float PyTorch top-1 "
           f"{100 * ref['top1']:.2f}% (measured). Core ML rows are simulated (MIL interpreter at the "

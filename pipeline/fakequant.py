@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from .formats import per_image_extremes, percentile_range
 from .quiet import quiet
 
 BACKEND_OF_FORMAT = {"coreml": "coremltools", "onnx": "torchao", "tflite": "torchao"}
@@ -46,6 +47,49 @@ def freeze_observers(student: nn.Module) -> None:
     for m in student.modules():
         if hasattr(m, "disable_observer") and hasattr(m, "observer_enabled"):
             m.disable_observer()
+
+
+def activation_fake_quants(student: nn.Module) -> list[nn.Module]:
+    """The student's observed activation fake-quantizers (per tensor; the weights' are per
+    channel), torch.ao's and torchao's alike; not those with fixed ranges (coremltools gives
+    sigmoid outputs a fixed [0, 1])."""
+    per_tensor = (torch.per_tensor_affine, torch.per_tensor_symmetric)
+    return [m for m in student.modules() if hasattr(m, "observer_enabled")
+            and hasattr(getattr(m, "activation_post_process", None), "reset_min_max_vals")
+            and getattr(m, "qscheme", None) in per_tensor]
+
+
+@torch.no_grad()
+def set_percentile_ranges(student: nn.Module, batches, percentile: float) -> int:
+    """Fix every activation range to ``[P(100 - p) of the images' minima, P(p) of their
+    maxima]``, measured per image on the float flow (fake quantization off), which is how
+    the TFLite export calibrates: the student then trains against the ranges the deployed
+    model gets, not against moving averages of batch extremes, which widen with the batch
+    size. The activation observers stay off (the ranges are frozen); the weights' observers
+    run once here so that their grids exist. Returns the number of tensors set."""
+    fqs = activation_fake_quants(student)
+    every = [m for m in student.modules() if hasattr(m, "observer_enabled") and hasattr(m, "fake_quant_enabled")]
+    for m in every:
+        m.disable_observer()
+        m.disable_fake_quant()
+    batches = list(batches)
+    with per_image_extremes(fqs) as extremes:
+        for x in batches:
+            student(x)
+    for m in fqs:
+        lo, hi = percentile_range(torch.cat(extremes[m][0]).cpu(), torch.cat(extremes[m][1]).cpu(), percentile)
+        obs = m.activation_post_process
+        obs.reset_min_max_vals()
+        obs(torch.tensor([min(0.0, float(lo)), max(0.0, float(hi))], device=obs.min_val.device))
+        scale, zero_point = obs.calculate_qparams()
+        m.scale.resize_(scale.shape).copy_(scale)
+        m.zero_point.resize_(zero_point.shape).copy_(zero_point)
+    for m in every:
+        m.enable_fake_quant()
+        if m not in fqs:
+            m.enable_observer()
+    student(batches[0])   # the weights' observers measure once
+    return len(fqs)
 
 
 def float_state(student: nn.Module, fused: nn.Module) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import load_model
-from .fakequant import float_state, freeze_observers, get_backend
+from .fakequant import float_state, freeze_observers, get_backend, set_percentile_ranges
 from .progress import Progress
 
 CHECKPOINT, RESULT, JOB = "checkpoint.pt", "result.pt", "job.json"
@@ -47,6 +47,8 @@ class Schedule:
     checkpoint_every: int
     seed: int
     device: str            # auto | cpu | cuda
+    ranges: str = "moving_average"   # | percentile (frozen; set from calibration_pixels)
+    range_percentile: float = 99.0
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to zero."""
@@ -69,6 +71,7 @@ class Job:
     # coremltools backend: the activation scheme and observer of Core ML's int8 export
     coreml_scheme: str = "symmetric"
     coreml_observer: str = "moving_average_min_max"
+    calibration_pixels: Optional[str] = None   # uint8 NHWC .npy: the export's calibration images
 
     def save(self, folder: Path) -> None:
         (folder / JOB).write_text(json.dumps(asdict(self), indent=1))
@@ -189,12 +192,18 @@ def train(folder: Path, on_step: Optional[Callable[[int], None]] = None) -> dict
         start, history = state["step"], state["history"]
         before = tuple(state["agreement_before"])
     else:
-        # Observers first see calibration batches (no gradient), so the first training step
-        # starts from post-training ranges; the agreement then is the PTQ baseline.
-        with torch.no_grad():
-            for b in range(sch.calibration_batches):
-                idx = batch_indices(len(pixels), b, sch.batch_size, sch.seed + 7)
-                student(_normalize(pixels[idx], job.mean, job.std, device))
+        # Ranges first: post-training ones, so that the agreement before the first step is
+        # the PTQ baseline. Either the observers see calibration batches (no gradient), or
+        # the ranges are set from the export's calibration images and frozen.
+        if sch.ranges == "percentile":
+            calib = np.load(job.calibration_pixels)
+            set_percentile_ranges(student, (_normalize(calib[i:i + 64], job.mean, job.std, device)
+                                            for i in range(0, len(calib), 64)), sch.range_percentile)
+        else:
+            with torch.no_grad():
+                for b in range(sch.calibration_batches):
+                    idx = batch_indices(len(pixels), b, sch.batch_size, sch.seed + 7)
+                    student(_normalize(pixels[idx], job.mean, job.std, device))
         before = agreement(student, teacher, backend, holdout, job, device)
     if start >= sch.freeze_observers_step:
         freeze_observers(student)

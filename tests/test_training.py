@@ -83,6 +83,56 @@ def test_fake_quantization_is_on_from_the_first_step(backend, trained):
     assert all(torch.equal(v, after[k]) for k, v in ranges.items()), "measuring moved the ranges"
 
 
+@pytest.mark.parametrize("backend", ["torchao", "coremltools"])
+def test_percentile_ranges_are_the_images_extremes_and_stay_frozen(backend, trained):
+    """qat.ranges: percentile sets each activation range from per-image extremes on the
+    float flow (the network input's range is checked against numpy), fake quantization
+    stays on, and a training-mode forward pass moves no activation range."""
+    from pipeline.fakequant import activation_fake_quants, get_backend, set_percentile_ranges
+
+    b = get_backend(backend)
+    x = torch.from_numpy(normalized(trained.calibration[:64], trained.meta))
+    student = b.prepare(trained.fused, x[:2])
+    fqs = activation_fake_quants(student)
+    assert set_percentile_ranges(student, [x[:32], x[32:]], 99.0) == len(fqs) > 10
+    per_image = x.flatten(1).numpy()
+    lo, hi = np.percentile(per_image.min(1), 1), np.percentile(per_image.max(1), 99)
+    ranges = [(float(m.activation_post_process.min_val), float(m.activation_post_process.max_val)) for m in fqs]
+    assert any(r == pytest.approx((lo, hi), rel=1e-6) for r in ranges), (lo, hi, ranges[:3])
+    assert all(r[0] <= 0 <= r[1] and r[1] > r[0] for r in ranges)
+    scales = [m.scale.clone() for m in fqs]
+    with torch.no_grad():
+        b.set_mode(student, True)
+        student(x * 3)   # far wider inputs: a moving observer would widen
+        assert all(torch.equal(s, m.scale) for s, m in zip(scales, fqs)), "a frozen range moved"
+        b.set_mode(student, False)
+        diff = (student(x) - trained.fused(x)).abs().max() / trained.fused(x).abs().max()
+    assert 1e-4 < diff < 0.2, f"fake-quantized output differs from float by {diff:.2g} of max |logit|"
+
+
+def test_percentile_qat_trains_under_the_ranges_it_hands_over(trained, tmp_path):
+    """A whole percentile-range run: the ranges handed to the export are those set from the
+    calibration images before the first step, never moved by training."""
+    from pipeline.fakequant import get_backend, set_percentile_ranges
+
+    folder = make_job(tmp_path / "job", trained, lr=1e-5, ranges="percentile", range_percentile=99.0, steps=10,
+                      warmup_steps=2, freeze_observers_step=8)
+    np.save(folder / "calibration.npy", trained.calibration[:64])
+    replace(Job.load(folder), calibration_pixels=str(folder / "calibration.npy")).save(folder)
+    facts = train(folder)
+    assert facts["holdout_agreement_after"] >= 0.97
+    b = get_backend("torchao")
+    x = torch.from_numpy(normalized(trained.calibration[:64], trained.meta))
+    student = b.prepare(trained.fused, x[:2])
+    set_percentile_ranges(student, [x], 99.0)
+    want = b.activation_ranges(student)
+    got = torch.load(folder / RESULT, weights_only=True)["activation_ranges"]
+    assert set(got) == set(want)
+    for layer, sides in want.items():
+        for side, r in sides.items():
+            assert got[layer][side] == pytest.approx(r, rel=1e-5, abs=1e-7), (layer, side)
+
+
 def test_qat_model_stays_faithful_in_onnxruntime(trained, tmp_path):
     """Non-regression on the toy (its post-training int8 already agrees 100% with float, so
     there is nothing to recover here; the recovery is shown on the reference below and in

@@ -6,6 +6,7 @@ a scheme says why (``unsupported``) and is skipped: nothing is ever silently sub
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,25 @@ def percentile_range(mins, maxs, percentile: float) -> tuple[np.ndarray, np.ndar
     union; the percentile stays put as the calibration set grows (README "int8 fidelity")."""
     return (np.percentile(np.asarray(mins), 100 - percentile, axis=0),
             np.percentile(np.asarray(maxs), percentile, axis=0))
+
+
+@contextlib.contextmanager
+def per_image_extremes(modules):
+    """Each module's input minima and maxima, one per image, while the block runs (forward
+    pre-hooks): the statistics ``percentile_range`` takes. Modules never called keep empty lists."""
+    seen = {m: ([], []) for m in modules}
+
+    def record(module, args):
+        flat = args[0].detach().reshape(args[0].shape[0], -1)
+        seen[module][0].append(flat.amin(1))
+        seen[module][1].append(flat.amax(1))
+
+    handles = [m.register_forward_pre_hook(record) for m in modules]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -9,7 +9,6 @@ single averaged std that common examples pass as the image scale.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import platform
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from torch import nn
 
 from ..quiet import quiet
 from . import (ExportContext, ExportError, ExportResult, SchemeSupport, check_parity, normalized,
-               percentile_range, torch_logits)
+               per_image_extremes, percentile_range, torch_logits)
 
 TARGETS = ("iOS16", "iOS17", "iOS18")
 PREVIEW_KEY = "com.apple.coreml.model.preview.type"
@@ -181,6 +180,7 @@ def quantize_w8a8(wrapped: nn.Module, calibration: np.ndarray, mean: list[float]
     observers run, and BatchNorm is already folded."""
     from coremltools.optimize.torch.quantization import (LinearQuantizer, LinearQuantizerConfig,
                                                          ModuleLinearQuantizerConfig)
+    from torch.ao.quantization.observer import ObserverBase
 
     x = torch.from_numpy(calibration.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
                          - np.asarray(mean, np.float32).reshape(1, 3, 1, 1))
@@ -195,40 +195,21 @@ def quantize_w8a8(wrapped: nn.Module, calibration: np.ndarray, mean: list[float]
         quantizer = LinearQuantizer(wrapped, config)
         prepared = quantizer.prepare(example_inputs=(x[:1],), inplace=False)
         prepared.train()  # observers record only in train mode; there is no BatchNorm left
+        # Observers with fixed ranges (sigmoid outputs: FixedQParamsObserver) have no min/max to replace.
+        observers = [m for m in prepared.modules() if isinstance(m, ObserverBase) and hasattr(m, "min_val")
+                     and m.qscheme in (torch.per_tensor_affine, torch.per_tensor_symmetric)]
         record = cfg.activation_percentile is not None
-        with torch.no_grad(), (_per_image_extremes(prepared) if record else contextlib.nullcontext({})) as extremes:
+        with torch.no_grad(), per_image_extremes(observers if record else []) as extremes:
             for i in range(0, len(x), CALIBRATION_BATCH):
                 quantizer.step()
                 prepared(x[i:i + CALIBRATION_BATCH])
         for observer, (mins, maxs) in extremes.items():
+            if not mins:
+                continue
             lo, hi = percentile_range(torch.cat(mins), torch.cat(maxs), cfg.activation_percentile)
             observer.min_val.fill_(float(lo))
             observer.max_val.fill_(float(hi))
         return quantizer.finalize(inplace=False).eval()
-
-
-@contextlib.contextmanager
-def _per_image_extremes(prepared: nn.Module):
-    """Each per-tensor activation observer's input minima and maxima, one per image."""
-    from torch.ao.quantization.observer import ObserverBase
-
-    seen: dict[nn.Module, tuple[list, list]] = {}
-
-    def record(observer, args):
-        flat = args[0].detach().reshape(args[0].shape[0], -1)
-        mins, maxs = seen.setdefault(observer, ([], []))
-        mins.append(flat.amin(1))
-        maxs.append(flat.amax(1))
-
-    # Observers with fixed ranges (sigmoid outputs: FixedQParamsObserver) have no min/max to replace.
-    handles = [m.register_forward_pre_hook(record) for m in prepared.modules()
-               if isinstance(m, ObserverBase) and hasattr(m, "min_val")
-               and m.qscheme in (torch.per_tensor_affine, torch.per_tensor_symmetric)]
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def compress_weights(ml, scheme: str, cfg: CoreMLConfig):

@@ -7,7 +7,6 @@ preprocessing, so every scheme of a ``make compare`` shares one entry. Decoding 
 worker processes (torch's DataLoader)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from ..checkpoints import parse, read_file
-from ..data import DataConfig, Preprocess, fingerprint_data, open_image, resolve_sets, sample_images
+from ..data import DataConfig, decode_into, fingerprint_data, resolve_sets, sample_images, workers_for
 from ..progress import Progress
 from .reparam import preprocess_of
 
@@ -42,42 +41,6 @@ def scoring_meta(reparam_dir: Path, crop_pct: Optional[float]) -> dict:
     if crop_pct:
         meta["crop_pct"] = crop_pct
     return meta
-
-
-class _Decode:
-    """Path -> uint8 crop; a picklable dataset for DataLoader workers."""
-
-    def __init__(self, paths: tuple[Path, ...], pre: Preprocess):
-        self.paths, self.pre = paths, pre
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.pre.pixels(open_image(self.paths[i]))
-
-
-def workers_for(n: int, asked: int) -> int:
-    """0 (decode in this process) for small sets, where starting workers costs more."""
-    if n < 512:
-        return 0
-    return asked if asked > 0 else max(1, min(8, (os.cpu_count() or 1)))
-
-
-def decode_into(out: np.ndarray, paths: tuple[Path, ...], pre: Preprocess, workers: int, progress=None,
-                batch: int = 64) -> None:
-    from torch.utils.data import DataLoader
-
-    # DataLoader's default start method (fork on Linux): forkserver and spawn re-run the
-    # caller's __main__ in every worker, which breaks scripts that call deploy() unguarded.
-    loader = DataLoader(_Decode(paths, pre), batch_size=batch, num_workers=workers,
-                        collate_fn=np.stack, prefetch_factor=4 if workers else None)
-    start = 0
-    for pixels in loader:
-        out[start:start + len(pixels)] = pixels
-        start += len(pixels)
-        if progress:
-            progress(len(pixels))
 
 
 def run(cfg: ImagesConfig, inputs: dict, out_dir: Path, data: DataConfig) -> dict:

@@ -63,6 +63,12 @@ class QatConfig:
     # QAT started below equalized PTQ and did not catch up (README: measured).
     equalize: bool = True
     equalize_alpha: float = 0.5
+    # Activation ranges trained against: "moving_average" (the observers follow each batch's
+    # extremes until freeze_observers_step) or "percentile" (fixed before the first step to
+    # the range_percentile of the calibration images' per-image extremes, as the TFLite
+    # export calibrates, and never moved).
+    ranges: Literal["moving_average", "percentile"] = "percentile"
+    range_percentile: float = 99.0
 
     def validate(self):
         if not self.formats:
@@ -76,13 +82,18 @@ class QatConfig:
         if not 0 <= self.freeze_observers_step <= self.steps:
             raise ValueError(f"freeze_observers_step must be within 0..steps ({self.steps})")
         check_alpha(self.equalize_alpha)
+        if self.ranges not in ("moving_average", "percentile"):
+            raise ValueError(f"ranges {self.ranges!r}: moving_average or percentile")
+        if not 50 < self.range_percentile <= 100:
+            raise ValueError(f"range_percentile {self.range_percentile} must be in (50, 100]")
 
     def schedule(self) -> Schedule:
         return Schedule(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
                         weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
                         freeze_observers_step=self.freeze_observers_step, temperature=self.temperature,
                         ce_weight=self.ce_weight, calibration_batches=self.calibration_batches,
-                        checkpoint_every=self.checkpoint_every, seed=self.seed, device=self.device)
+                        checkpoint_every=self.checkpoint_every, seed=self.seed, device=self.device,
+                        ranges=self.ranges, range_percentile=self.range_percentile)
 
 
 def fingerprint(cfg: QatConfig, data: DataConfig, coreml=None) -> dict:
@@ -113,10 +124,12 @@ def run(cfg: QatConfig, inputs: dict, out_dir: Path, data: DataConfig, scratch: 
     pre = preprocess_of(ckpt.meta)
     facts = {}
     resuming = (scratch / "pixels.npy").exists()   # the training images were chosen already
-    sets = resolve_sets(data, ckpt.meta["classes"]) if cfg.equalize or not resuming else None
-    if cfg.equalize:
-        # Deterministic: a resumed run computes the same model again.
+    calibrated = cfg.equalize or cfg.ranges == "percentile"
+    sets = resolve_sets(data, ckpt.meta["classes"]) if calibrated or not resuming else None
+    if calibrated:   # deterministic: a resumed run computes the same again
         pixels = calibration_pixels(sets, data, pre)
+        np.save(scratch / "calibration.npy", pixels)
+    if cfg.equalize:
         fused, facts["equalization"] = equalize_residual_stream(
             fused, torch.from_numpy(normalized(pixels, ckpt.meta)), cfg.equalize_alpha)
         teacher_path = scratch / "equalized.pt"
@@ -139,8 +152,8 @@ def run(cfg: QatConfig, inputs: dict, out_dir: Path, data: DataConfig, scratch: 
             labels=str(labels_file) if labels_file.exists() else None,
             holdout_pixels=str(scratch / "holdout.npy"), mean=list(ckpt.meta["mean"]),
             std=list(ckpt.meta["std"]), schedule=cfg.schedule(),
-            coreml_scheme=coreml.quantization_scheme, coreml_observer=coreml.activation_observer
-            ).save(job_dir)
+            coreml_scheme=coreml.quantization_scheme, coreml_observer=coreml.activation_observer,
+            calibration_pixels=str(scratch / "calibration.npy") if calibrated else None).save(job_dir)
         print(f"    QAT with {backend} fake quantization "
               f"(for {', '.join(f for f in cfg.formats if BACKEND_OF_FORMAT[f] == backend)})",
               file=sys.stderr)
