@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from pipeline.data import (DataConfig, DataError, Preprocess, budget_set, class_index_for,
-                           calibration_pixels, image_folder, imagenet_classes, open_image, resolve_sets,
-                           training_pixels)
+                           calibration_pixels, image_folder, imagenet_classes, load_pixels, open_image,
+                           resolve_sets, training_pixels, workers_for)
 
 
 def make_folder(root, classes, per_class=3, size=(40, 30)):
@@ -101,6 +101,24 @@ def test_corrupt_image_and_missing_folder(tmp_path):
         open_image(tmp_path / "bad.jpg")
     with pytest.raises(DataError, match="data folder not found"):
         image_folder(tmp_path / "nope")
+
+
+def test_large_sets_decode_in_workers_to_the_same_pixels_in_order(tmp_path):
+    """Sets of 512 images or more are decoded in DataLoader workers: the same crops, in the
+    listing's order, as decoding one by one; a corrupt image still names itself."""
+    root = tmp_path / "d" / "a"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(520):
+        Image.fromarray(rng.integers(0, 255, (10, 12, 3), np.uint8)).save(root / f"{i:04d}.png")
+    images = image_folder(tmp_path / "d")
+    pre = Preprocess(size=8, crop_pct=0.9, interpolation="bicubic")
+    assert workers_for(len(images), 0) > 0
+    pixels = load_pixels(images, pre)
+    assert np.array_equal(pixels, np.stack([pre.pixels(open_image(p)) for p in images.paths]))
+    (root / "0300.png").write_bytes(b"truncated")
+    with pytest.raises(DataError, match=r"cannot read image .*0300\.png"):
+        load_pixels(images, pre)
 
 
 @pytest.fixture(scope="module")
