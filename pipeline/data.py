@@ -316,8 +316,6 @@ def load_pixels(images: ImageSet, pre: Preprocess, progress=None) -> np.ndarray:
     return out
 
 
-
-
 @dataclass(frozen=True)
 class BudgetSet:
     """Images the int8 budget is checked on, never calibrated on nor scored: with labels
