@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .formats import per_image_extremes, percentile_range
+from .formats import per_image_extremes, percentile_range, ranged_per_tensor
 from .quiet import quiet
 
 BACKEND_OF_FORMAT = {"coreml": "coremltools", "onnx": "torchao", "tflite": "torchao"}
@@ -53,10 +53,8 @@ def activation_fake_quants(student: nn.Module) -> list[nn.Module]:
     """The student's observed activation fake-quantizers (per tensor; the weights' are per
     channel), torch.ao's and torchao's alike; not those with fixed ranges (coremltools gives
     sigmoid outputs a fixed [0, 1])."""
-    per_tensor = (torch.per_tensor_affine, torch.per_tensor_symmetric)
     return [m for m in student.modules() if hasattr(m, "observer_enabled")
-            and hasattr(getattr(m, "activation_post_process", None), "reset_min_max_vals")
-            and getattr(m, "qscheme", None) in per_tensor]
+            and ranged_per_tensor(getattr(m, "activation_post_process", None))]
 
 
 @torch.no_grad()

@@ -101,6 +101,13 @@ def percentile_range(mins, maxs, percentile: float) -> tuple[np.ndarray, np.ndar
             np.percentile(np.asarray(maxs), percentile, axis=0))
 
 
+def ranged_per_tensor(observer) -> bool:
+    """A per-tensor observer whose range comes from the data (not a fixed one, such as
+    coremltools' FixedQParamsObserver for sigmoid outputs, which has no min / max)."""
+    return (hasattr(observer, "min_val")
+            and getattr(observer, "qscheme", None) in (torch.per_tensor_affine, torch.per_tensor_symmetric))
+
+
 @contextlib.contextmanager
 def per_image_extremes(modules):
     """Each module's input minima and maxima, one per image, while the block runs (forward

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..quiet import quiet
 from . import (ExportContext, ExportError, ExportResult, SchemeSupport, check_parity, normalized,
-               per_image_extremes, percentile_range, torch_logits)
+               per_image_extremes, percentile_range, ranged_per_tensor, torch_logits)
 
 TARGETS = ("iOS16", "iOS17", "iOS18")
 PREVIEW_KEY = "com.apple.coreml.model.preview.type"
@@ -195,9 +195,7 @@ def quantize_w8a8(wrapped: nn.Module, calibration: np.ndarray, mean: list[float]
         quantizer = LinearQuantizer(wrapped, config)
         prepared = quantizer.prepare(example_inputs=(x[:1],), inplace=False)
         prepared.train()  # observers record only in train mode; there is no BatchNorm left
-        # Observers with fixed ranges (sigmoid outputs: FixedQParamsObserver) have no min/max to replace.
-        observers = [m for m in prepared.modules() if isinstance(m, ObserverBase) and hasattr(m, "min_val")
-                     and m.qscheme in (torch.per_tensor_affine, torch.per_tensor_symmetric)]
+        observers = [m for m in prepared.modules() if isinstance(m, ObserverBase) and ranged_per_tensor(m)]
         record = cfg.activation_percentile is not None
         with torch.no_grad(), per_image_extremes(observers if record else []) as extremes:
             for i in range(0, len(x), CALIBRATION_BATCH):

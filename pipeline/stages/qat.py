@@ -82,8 +82,6 @@ class QatConfig:
         if not 0 <= self.freeze_observers_step <= self.steps:
             raise ValueError(f"freeze_observers_step must be within 0..steps ({self.steps})")
         check_alpha(self.equalize_alpha)
-        if self.ranges not in ("moving_average", "percentile"):
-            raise ValueError(f"ranges {self.ranges!r}: moving_average or percentile")
         if not 50 < self.range_percentile <= 100:
             raise ValueError(f"range_percentile {self.range_percentile} must be in (50, 100]")
 
