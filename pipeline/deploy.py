@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import report as report_mod
+from .allocator import keep_freed_memory
 from .atomic import staged_dir
 from .config import RECIPES_DIR, Recipe, RecipeError, load_recipe, resolve_recipe_path
 from .download import DownloadCorrupt, DownloadUnavailable
@@ -171,6 +172,7 @@ def deploy(opts: RunOptions, log: Callable[[str], None] = print) -> tuple[dict, 
         log(f"up to date: {current[1]}/ was written from these inputs (recipe, checkpoint, data "
             "folders, pipeline code, installed packages); nothing to run")
         return current
+    keep_freed_memory()
     from .stages import plan
 
     recipe = resolve_recipe(opts)

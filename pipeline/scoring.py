@@ -37,8 +37,10 @@ def predict_all(runtime, pixels: np.ndarray, batch_size: int, progress: Optional
 
 
 def score_shard(job_dir: Path, rank: int, world: int) -> None:
+    from .allocator import keep_freed_memory
     from .runtimes import open_runtime
 
+    keep_freed_memory()
     job = json.loads((Path(job_dir) / "job.json").read_text())
     pixels = np.load(job["pixels"], mmap_mode="r")
     part = shard(len(pixels), rank, world)

@@ -61,6 +61,9 @@ def test_make_deploy_end_to_end(tiny, tmp_path):
     assert not any(s["cache_hit"] for s in rep["stages"]) and rep["failed"] == []
     assert {a["format"] for a in rep["artifacts"]} == {"coreml", "onnx", "tflite"}
     ref_top1 = rep["reference"]["accuracy"]["top1"]
+    stage_seconds = {s["name"]: s["seconds"] for s in rep["stages"]}
+    assert 0 < rep["reference"]["throughput"]["seconds"] <= stage_seconds["reference"]
+    assert "Scoring throughput, images/s (measured" in (folder / "report.md").read_text()
     for a in rep["artifacts"]:
         assert a["bytes"] > 0 and len(a["sha256"]) == 64
         acc = a["accuracy"]
@@ -70,6 +73,9 @@ def test_make_deploy_end_to_end(tiny, tmp_path):
         assert acc["drop_vs_float"]["points"] == pytest.approx(100 * (ref_top1 - acc["top1"]))
         assert a["fidelity"]["top1_agreement"] >= 0.8 and a["fidelity"]["n"] == 6
         assert -1e-6 <= a["fidelity"]["mean_kl"] < 0.05   # fp16: close to float (rounding can dip below 0)
+        t = a["throughput"]   # the scoring loop's own time: within the stage's, over the same images
+        assert t["images"] == 6 and t["method"] == "measured" and t["images_per_s"] == pytest.approx(6 / t["seconds"])
+        assert 0 < t["seconds"] <= stage_seconds[f"validate.{a['format']}"]
         for l in a["latency"]:   # the host is timed; the iPhone is estimated here (no device on Linux)
             assert l["method"] == ("measured" if l["target"].startswith("host") else "estimated"), l
     by = {a["format"]: a for a in rep["artifacts"]}

@@ -93,24 +93,35 @@ class MilInterpreter:
         take the batch). Returns the tensor the program feeds its ``classify`` op
         (probabilities), or its output."""
         env: dict[str, Any] = dict(self.consts)
-        env[self.input_name] = torch.from_numpy(np.asarray(image, np.float32))
+        env[self.input_name] = torch.from_numpy(np.asarray(image, np.float32)).contiguous(
+            memory_format=torch.channels_last)
         result = None
         for i, op in enumerate(self.ops):
             if op.op_type == "const" or op.op_type.startswith("constexpr_"):
-                continue
-            if op.op_type == "classify":
+                pass
+            elif op.op_type == "classify":
                 result = env[self._inputs[id(op)]["probabilities"].name]
-                continue
-            out = self._eval(op, env)
-            var = op.outputs[0]
-            if isinstance(out, torch.Tensor) and out.is_floating_point():
-                out = out.to(torch.float16).to(torch.float32) if _is_fp16(var) else out.float()
-            env[var.name] = out
+            else:
+                env[op.outputs[0].name] = self._rounded(self._eval(op, env), op.outputs[0],
+                                                        fresh=op.op_type not in ("cast", "reshape"))
             for name in self._free_after.get(i, ()):
                 env.pop(name, None)
         if result is None:
             result = env[self.main.outputs[0].name]
         return result.numpy()
+
+    @staticmethod
+    def _rounded(out, var, fresh: bool):
+        """``out`` as the dtype ``var`` declares: fp16 values (kept in float32), rounded in
+        place when ``out`` is the op's own new tensor (``fresh``; a cast or reshape may
+        share its input's memory)."""
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            return out
+        if not _is_fp16(var):
+            return out.float()
+        if fresh:
+            return out.copy_(out.to(torch.float16))
+        return out.to(torch.float16).to(torch.float32)
 
     def _eval(self, op, env) -> Any:
         t = op.op_type
@@ -197,12 +208,14 @@ class MilInterpreter:
     def _qparams(self, op, env, x):
         scale = torch.as_tensor(np.asarray(self._val(op, "scale", env), np.float32))
         zp = self._val(op, "zero_point", env)
-        zp = torch.zeros_like(scale) if zp is None else torch.as_tensor(np.asarray(zp, np.float32))
+        # A zero zero-point (symmetric int8, the usual) is skipped: a pass less over the tensor.
+        zp = None if zp is None or not np.any(zp) else torch.as_tensor(np.asarray(zp, np.float32))
         axis = self._val(op, "axis", env)
         if scale.dim() == 1 and scale.numel() > 1 and axis is not None:
             shape = [1] * x.dim()
             shape[int(axis)] = -1
-            scale, zp = scale.reshape(shape), zp.reshape(shape)
+            scale = scale.reshape(shape)
+            zp = None if zp is None else zp.reshape(shape)
         return scale, zp
 
     def _quantize(self, op, env):
@@ -210,9 +223,10 @@ class MilInterpreter:
         scale, zp = self._qparams(op, env, x)
         dtype = self._val(op, "output_dtype", env)
         lo, hi = (-128, 127) if dtype == "int8" else (0, 255)
-        return torch.div(x, scale).round_().add_(zp).clamp_(lo, hi)
+        q = torch.div(x, scale).round_()
+        return (q if zp is None else q.add_(zp)).clamp_(lo, hi)
 
     def _dequantize(self, op, env):
         x = self._arg(op, "input", env)
         scale, zp = self._qparams(op, env, x)
-        return torch.sub(x, zp).mul_(scale)
+        return torch.mul(x, scale) if zp is None else torch.sub(x, zp).mul_(scale)

@@ -3,6 +3,7 @@ format's validation (and every scheme of a compare: the key depends on the fused
 the images only)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from ..formats import normalized
 from ..progress import Progress
 from ..runner import facts_of
 from .images import scored
-from .validate import accuracy
+from .validate import accuracy, measured_throughput
 
 
 @dataclass
@@ -36,12 +37,15 @@ def run(cfg: ReferenceConfig, inputs: dict, out_dir: Path) -> dict:
     # oneDNN's convolutions skip their layout reorders (0.20 against 0.23 s per batch of 16).
     step = max(cfg.batch_size, 32)
     model = model.to(memory_format=torch.channels_last)
+    start = time.perf_counter()
     with Progress(len(pixels), "float reference on images") as bar, torch.no_grad():
         for s in range(0, len(pixels), step):
             x = torch.from_numpy(normalized(pixels[s:s + step], ckpt.meta)).contiguous(memory_format=torch.channels_last)
             logits[s:s + step] = model(x).numpy()
             bar.update(len(pixels[s:s + step]))
     logits.flush()
+    runtime = f"PyTorch {torch.__version__} float32 (fused)"
     dataset = facts_of(inputs["images"])["dataset"]
-    return {"format": "pytorch", "runtime": f"PyTorch {torch.__version__} float32 (fused)",
+    return {"format": "pytorch", "runtime": runtime,
+            "throughput": measured_throughput(len(pixels), time.perf_counter() - start, runtime, step),
             "accuracy": accuracy(np.asarray(logits), labels, dataset) if labels is not None else None}
