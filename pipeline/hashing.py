@@ -19,3 +19,18 @@ def sha256_file(path: str | Path) -> str:
                 h.update(chunk)
         _DIGESTS[key] = h.hexdigest()
     return _DIGESTS[key]
+
+
+
+def sha256_state(model) -> str:
+    """sha256 of a module's class and its tensors (names, shapes, dtypes, bytes): equal
+    digests, equal models, for reusing work on the same weights within a process. (torch
+    is imported here: a warm deploy hashes files without it.)"""
+    import torch
+
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .allocator import keep_freed_memory
 from .checkpoints import load_model
 from .fakequant import float_state, freeze_observers, get_backend, set_percentile_ranges
 from .progress import Progress
@@ -291,6 +292,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: torchrun [...] -m pipeline.training <job folder>", file=sys.stderr)
         return 2
+    keep_freed_memory()
     train(Path(argv[0]))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -3,6 +3,7 @@ exporter writes an Erf decomposition that ran 12-15% slower here), one file, dyn
 batch; onnxsim kept only where it verifiably shrinks the graph."""
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
+from ..hashing import sha256_state
 from ..quiet import quiet
 from . import (ExportContext, ExportError, ExportResult, SchemeSupport, check_parity, model_metadata,
                normalized, torch_logits)
@@ -35,7 +37,7 @@ class OnnxConfig:
     percentile: float = 99.999
     # Calibration images whose intermediate outputs onnxruntime holds at once before turning
     # them into histograms (0: all). Peak memory grows with it: m0.9 at 224 px, 256 images,
-    # 0 -> 13 GB, 16 -> 1.7 GB (the whole default deploy: 2.0 GB).
+    # 0 -> 13 GB, 16 -> 1.7 GB (the whole default deploy: 1.76 GB).
     calibration_stride: int = 16
     # qat-int8: QAT's learned activation ranges replace onnxruntime's calibrated ones for
     # every conv / linear input and output (TensorQuantOverrides); other tensors calibrate.
@@ -320,25 +322,10 @@ class OnnxExporter(SchemeSupport):
     def export(self, model: torch.nn.Module, ctx: ExportContext, cfg: OnnxConfig) -> ExportResult:
         import onnx
 
-        size = ctx.meta["input_size"]
         path = ctx.out_path
-        try:
-            with quiet():
-                torch.onnx.export(
-                    model.eval(), (torch.zeros(1, 3, size, size),), str(path), dynamo=True,
-                    opset_version=cfg.opset, external_data=False, input_names=[INPUT],
-                    output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch")},),
-                    verbose=False)
-        except Exception as e:  # the exporter raises many types; name the step and its message
-            raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-        proto = onnx.load(str(path))
-        pools = global_average_pools(proto)
-        onnx.save(proto, str(path))
-        onnx.checker.check_model(proto, full_check=True)
-        facts = {"opset": cfg.opset, "simplified": False, "precision": "float32",
-                 "global_average_pools": pools}
-        if cfg.simplify == "auto":  # on the float graph: onnxsim would fold QDQ pairs
-            facts.update(self._simplify(proto, path))
+        graph, facts = self._float_graph(model.eval(), ctx.meta["input_size"], cfg)
+        path.write_bytes(graph)
+        facts = dict(facts)
         if ctx.scheme == "fp16":
             facts["precision"] = ("float32: onnxruntime's CPU provider has no float16 kernels that "
                                   "would make an fp16 graph faster, so the ONNX model stays fp32")
@@ -366,6 +353,43 @@ class OnnxExporter(SchemeSupport):
         if ctx.int8:
             facts["execution"] = execution(path)
         return ExportResult(path, facts)
+
+    # The last float graph exported, by model digest: the accuracy-aware pass exports one
+    # model once per attempt, and only the layers left in float differ (dynamo's export is
+    # most of an attempt's time).
+    _last_float_graph: tuple[tuple, bytes, dict] | None = None
+
+    @classmethod
+    def _float_graph(cls, model: torch.nn.Module, size: int, cfg: OnnxConfig) -> tuple[bytes, dict]:
+        """The checked (and, with ``simplify: auto``, simplified) float32 ONNX graph of
+        ``model`` at ``size`` px, and its facts."""
+        import onnx
+
+        key = (sha256_state(model), size, cfg.opset, cfg.simplify)
+        if cls._last_float_graph is not None and cls._last_float_graph[0] == key:
+            return cls._last_float_graph[1], cls._last_float_graph[2]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "float.onnx"
+            try:
+                with quiet():
+                    torch.onnx.export(
+                        model.eval(), (torch.zeros(1, 3, size, size),), str(path), dynamo=True,
+                        opset_version=cfg.opset, external_data=False, input_names=[INPUT],
+                        output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                        verbose=False)
+            except Exception as e:  # the exporter raises many types; name the step and its message
+                raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+            proto = onnx.load(str(path))
+            pools = global_average_pools(proto)
+            onnx.save(proto, str(path))
+            onnx.checker.check_model(proto, full_check=True)
+            facts = {"opset": cfg.opset, "simplified": False, "precision": "float32",
+                     "global_average_pools": pools}
+            if cfg.simplify == "auto":  # on the float graph: onnxsim would fold QDQ pairs
+                facts.update(cls._simplify(proto, path))
+            graph = path.read_bytes()
+        cls._last_float_graph = (key, graph, facts)
+        return graph, facts
 
     @staticmethod
     def _simplify(proto, path: Path) -> dict:

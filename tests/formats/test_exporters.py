@@ -125,6 +125,31 @@ def test_onnx_fp32_parity_metadata_dynamic_batch(trained, tmp_path):
     assert np.abs(run_onnx(r.path, x) - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
+def test_onnx_float_graph_is_exported_once_per_model(trained, tmp_path, monkeypatch):
+    """The accuracy-aware pass exports one model per attempt: its float graph is exported
+    once and reused; other weights are exported anew (a stale graph would fail parity)."""
+    import copy
+
+    from pipeline.formats.onnx import OnnxExporter
+    from pipeline.hashing import sha256_state
+
+    calls = []
+    real = torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(OnnxExporter, "_last_float_graph", None)
+    for d in "abc":
+        (tmp_path / d).mkdir()
+    first = export("onnx", "fp32", trained, tmp_path / "a")
+    again = export("onnx", "fp32", trained, tmp_path / "b")
+    assert len(calls) == 1 and first.path.read_bytes() == again.path.read_bytes()
+    changed = copy.deepcopy(trained)
+    with torch.no_grad():
+        changed.fused.classifier.weight.mul_(1.5)
+    assert sha256_state(changed.fused) != sha256_state(trained.fused) == sha256_state(copy.deepcopy(trained.fused))
+    r = export("onnx", "fp32", changed, tmp_path / "c")   # parity against the changed model holds
+    assert len(calls) == 2 and r.facts["parity"]["relative"] <= 1e-4
+
+
 # ---------------------------------------------------------------- TFLite
 
 def test_tflite_fp32_raw_pixel_nhwc_parity(trained, tmp_path):

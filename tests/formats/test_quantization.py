@@ -236,7 +236,8 @@ def test_accuracy_aware_pass_keeps_layers_until_the_budget_holds(trained, tmp_pa
     helps = lambda f, p: 1.0 - 0.1 * len(seen[-1]) + rng.normal(0, 0.01, len(f))  # noqa: E731
     monkeypatch.setattr(export_stage, "kl_per_image", helps)
     ctx = ExportContext("int8", trained.meta, "m0.6", tmp_path / "m.onnx", trained.calibration)
-    _, budget = export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant,
+    cfg = OnnxConfig(calibration="minmax")   # the pass, not the ranges, is under test: the quickest calibrator
+    _, budget = export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, cfg, quant,
                                                   facts(max_drop=1.5))
     assert seen == [(), ("features.0.0",), ("features.0.0", "features.2.channel_mixer.m.0")]
     assert budget["checked"] and budget["met"] and budget["drop_before"] > 1.5 >= budget["drop_after"]
@@ -249,7 +250,7 @@ def test_accuracy_aware_pass_keeps_layers_until_the_budget_holds(trained, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "quantize"]
     # Unreachable: the best attempt (most layers in float here) is shipped with a warning ...
     seen.clear()
-    _, budget = export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant,
+    _, budget = export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, cfg, quant,
                                                   facts(max_drop=-5.0))
     assert not budget["met"] and budget["float_layers"] == layers[:4]
     assert [a["float_layers"] for a in budget["attempts"]] == [0, 1, 2, 4]
@@ -259,7 +260,7 @@ def test_accuracy_aware_pass_keeps_layers_until_the_budget_holds(trained, tmp_pa
     seen.clear()
     noise = lambda f, p: 1.0 + rng.normal(0, 0.05, len(f))  # noqa: E731
     monkeypatch.setattr(export_stage, "kl_per_image", noise)
-    _, budget = export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant,
+    _, budget = export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, cfg, quant,
                                                   facts(max_drop=1.5))
     assert seen == [(), ("features.0.0",), ()] and budget["float_layers"] == [] and not budget["met"]
     assert "latency_vs_all_int8" not in budget   # the all-int8 artifact is what ships
@@ -271,7 +272,7 @@ def test_accuracy_aware_pass_keeps_layers_until_the_budget_holds(trained, tmp_pa
     error = facts(max_drop=-5.0, on_miss="error")
     error["budget_set"]["max_float_layers"] = 1
     with pytest.raises(ExportError, match=r"misses max_drop -5.0: best drop 2.00 ± 0.50 top-1 points"):
-        export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant, error)
+        export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, cfg, quant, error)
 
 
 @pytest.mark.slow   # the pass itself is in the default run (the test above)
@@ -302,10 +303,10 @@ def test_without_labels_the_budget_is_in_agreement_points(trained, tmp_path):
     # A budget below the measured disagreement is refused, naming the unit and the way out.
     facts["max_drop"] = changed / 2 if changed else -1.0
     with pytest.raises(ExportError, match=r"agreement points .* pass a labelled CALIB"):
-        export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant, facts)
+        export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, cfg, quant, facts)
     # Untrained weights: nothing to check, and the report says why.
     facts["budget_set"] = {"skipped": "untrained weights: ..."}
-    _, budget = export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant, facts)
+    _, budget = export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, cfg, quant, facts)
     assert budget == {"checked": False, "reason": "untrained weights: ..."}
 
 
