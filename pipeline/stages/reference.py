@@ -32,10 +32,14 @@ def run(cfg: ReferenceConfig, inputs: dict, out_dir: Path) -> dict:
     pixels, labels = scored(inputs["images"])
     logits = np.lib.format.open_memmap(out_dir / "logits.npy", "w+", np.float32,
                                        (len(pixels), ckpt.num_classes))
-    # Batches of 32: at 224 px, 64 images no longer fit the caches (m0.9, 2 threads: 46
-    # images/s at 64, 63 at 32, 62 at 16; at 64 px 32 and 64 are equal). Channels-last:
-    # oneDNN's convolutions skip their layout reorders (0.20 against 0.23 s per batch of 16).
-    step = max(cfg.batch_size, 32)
+    # Batches of about sixteen 224 px images' worth of pixels, whatever the input size: m0.9,
+    # 2 threads, freed memory kept mapped (allocator.py), ran 78 / 74 / 71 / 53 images/s at
+    # batch 8 / 16 / 32 / 64 at 224 px (bigger batches leave the caches), and 802 / 888 /
+    # 915 / 898 at 32 / 64 / 128 / 256 at 64 px (smaller ones pay per-op overhead).
+    # Channels-last: oneDNN's convolutions skip their layout reorders (0.20 against 0.23 s
+    # per batch of 16).
+    size = ckpt.meta["input_size"]
+    step = max(cfg.batch_size, min(256, 16 * 224 * 224 // (size * size)))
     model = model.to(memory_format=torch.channels_last)
     start = time.perf_counter()
     with Progress(len(pixels), "float reference on images") as bar, torch.no_grad():
