@@ -21,7 +21,6 @@ def sha256_file(path: str | Path) -> str:
     return _DIGESTS[key]
 
 
-
 def sha256_state(model) -> str:
     """sha256 of a module's class and its tensors (names, shapes, dtypes, bytes): equal
     digests, equal models, for reusing work on the same weights within a process. (torch
