@@ -303,10 +303,10 @@ def test_without_labels_the_budget_is_in_agreement_points(trained, tmp_path):
     # A budget below the measured disagreement is refused, naming the unit and the way out.
     facts["max_drop"] = changed / 2 if changed else -1.0
     with pytest.raises(ExportError, match=r"agreement points .* pass a labelled CALIB"):
-        export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, cfg, quant, facts)
+        export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant, facts)
     # Untrained weights: nothing to check, and the report says why.
     facts["budget_set"] = {"skipped": "untrained weights: ..."}
-    _, budget = export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, cfg, quant, facts)
+    _, budget = export_stage.export_within_budget(get_exporter("onnx"), trained.fused, ctx, OnnxConfig(), quant, facts)
     assert budget == {"checked": False, "reason": "untrained weights: ..."}
 
 
