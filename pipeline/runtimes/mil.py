@@ -104,19 +104,32 @@ class MilInterpreter:
             elif op.op_type == "classify":
                 result = env[self._inputs[id(op)]["probabilities"].name]
             else:
-                env[op.outputs[0].name] = self._rounded(self._eval(op, env), op.outputs[0],
-                                                        fresh=op.op_type not in ("cast", "reshape"))
+                out = self._eval(op, env)
+                fresh = not self._aliases_input(op, env, out)
+                env[op.outputs[0].name] = self._rounded(out, op.outputs[0], fresh)
             for name in self._free_after.get(i, ()):
                 env.pop(name, None)
         if result is None:
             result = env[self.main.outputs[0].name]
         return result.numpy()
 
+    def _aliases_input(self, op, env, out) -> bool:
+        """Whether ``out`` shares memory with one of the op's inputs (a cast returns its
+        input, a reshape a view of it): it must not be rounded in place."""
+        if not isinstance(out, torch.Tensor):
+            return False
+        ptr = out.untyped_storage().data_ptr()
+        for var in self._inputs[id(op)].values():
+            for v in (var if isinstance(var, (list, tuple)) else (var,)):
+                t = env.get(v.name)
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == ptr:
+                    return True
+        return False
+
     @staticmethod
     def _rounded(out, var, fresh: bool):
         """``out`` as the dtype ``var`` declares: fp16 values (kept in float32), rounded in
-        place when ``out`` is the op's own new tensor (``fresh``; a cast or reshape may
-        share its input's memory)."""
+        place when ``out`` is the op's own new tensor (``fresh``)."""
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             return out
         if not _is_fp16(var):
