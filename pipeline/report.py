@@ -80,7 +80,7 @@ def build(variant: str, quant: str, recipe_name: str, records: dict) -> dict:
                 "format": a["format"], "path": a["path"], "bytes": tree_bytes(path), "sha256": tree_sha256(path),
                 "runtime": v.get("runtime"), "method": v.get("method"),
                 "accuracy": v.get("accuracy"), "fidelity": v.get("fidelity"), "latency": v.get("latency", []),
-                "throughput": v.get("throughput"),
+                "throughput": v.get("throughput"), **({"compiled": v["compiled"]} if v.get("compiled") else {}),
                 "export": {k: val for k, val in a.items() if k not in ("format", "path")}})
     budget_of(artifacts, records, reference)
     weights = load["weights"]
@@ -256,10 +256,12 @@ def markdown(r: dict) -> str:
     lines.append("Fidelity is against the fused float PyTorch model on the same images (logits; "
                  "probabilities for Core ML and TFLite, whose models end in a softmax). Host latency: batch 1, "
                  "median; the CPU is named in report.json.\n")
-    speeds = [f"{a['format']} {a['throughput']['images_per_s']:.0f}" for a in r["artifacts"]
+    def compiled(e):
+        return " (inductor-compiled)" if (e.get("compiled") or {}).get("compiled") else ""
+    speeds = [f"{a['format']} {a['throughput']['images_per_s']:.0f}{compiled(a)}" for a in r["artifacts"]
               if (a.get("throughput") or {}).get("images_per_s")]
     if ref.get("throughput", {}).get("images_per_s"):
-        speeds.insert(0, f"float reference {ref['throughput']['images_per_s']:.0f}")
+        speeds.insert(0, f"float reference {ref['throughput']['images_per_s']:.0f}{compiled(ref)}")
     if speeds:
         lines.append(f"Scoring throughput, images/s (measured on this machine, batched, all cores): "
                      f"{', '.join(speeds)}.\n")

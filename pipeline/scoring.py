@@ -45,23 +45,27 @@ def score_shard(job_dir: Path, rank: int, world: int) -> None:
     pixels = np.load(job["pixels"], mmap_mode="r")
     part = shard(len(pixels), rank, world)
     # One thread per process: the processes are the parallelism.
-    rt = open_runtime(job["format"], Path(job["artifact"]), job["meta"], threads=1)
+    rt = open_runtime(job["format"], Path(job["artifact"]), job["meta"], threads=1,
+                      compile=job.get("compile", False), batch_size=job["batch_size"])
     np.save(Path(job_dir) / f"scores.{rank}.npy", predict_all(rt, pixels[part], job["batch_size"]))
 
 
 def score(fmt: str, artifact: Path, meta: dict, pixels_path: Path, batch_size: int, processes: int,
-          job_dir: Path, progress: Optional[Callable[[int], None]] = None, runtime=None) -> np.ndarray:
+          job_dir: Path, progress: Optional[Callable[[int], None]] = None, runtime=None,
+          compile: bool = False) -> np.ndarray:
     """Every row of ``pixels_path`` through ``artifact``: in this process (``processes`` 1;
     ``runtime``, the artifact already opened, if given), else under torchrun with
-    ``processes`` local processes."""
+    ``processes`` local processes (``compile``: each compiles the Core ML simulation)."""
     pixels = np.load(pixels_path, mmap_mode="r")
     if processes <= 1:
         from .runtimes import open_runtime
 
-        return predict_all(runtime or open_runtime(fmt, artifact, meta), pixels, batch_size, progress)
+        return predict_all(runtime or open_runtime(fmt, artifact, meta, compile=compile, batch_size=batch_size),
+                           pixels, batch_size, progress)
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / "job.json").write_text(json.dumps({"format": fmt, "artifact": str(artifact), "meta": meta,
-                                                  "pixels": str(pixels_path), "batch_size": batch_size}))
+                                                  "pixels": str(pixels_path), "batch_size": batch_size,
+                                                  "compile": compile}))
     code = torchrun("pipeline.scoring", [str(job_dir)], processes)
     if code != 0:
         raise RuntimeError(f"sharded scoring of {fmt} failed (torchrun exit {code}); run again, "

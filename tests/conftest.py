@@ -10,13 +10,20 @@ from PIL import Image
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session")
+def inductor_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("inductor")
+
+
 @pytest.fixture(autouse=True)
-def isolated_home(tmp_path_factory, monkeypatch):
-    """onnxruntime, nncf and our weight cache write under HOME / XDG_CACHE_HOME: keep
-    every test's writes in a temporary folder."""
+def isolated_home(tmp_path_factory, monkeypatch, inductor_cache):
+    """onnxruntime, nncf and our weight cache write under HOME / XDG_CACHE_HOME, inductor
+    (compiled scoring) under /tmp: keep every test's writes in temporary folders (inductor's
+    one per session: compiled kernels are shared between tests, never taken from outside)."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache))
     return home
 
 

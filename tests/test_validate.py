@@ -38,3 +38,34 @@ def test_budget_states_unit_and_standard_error():
     b = unlabelled["budget"]
     assert b["unit"] == "agreement points" and b["drop"] == pytest.approx(4.0) and not b["met"]
     assert b["standard_error"] == pytest.approx(100 * math.sqrt(0.04 * 0.96 / 100), abs=1e-3)
+
+
+def test_reference_compiled_for_large_sets_matches_eager(trained, tmp_path):
+    """``validate.compile``: the float reference's logits from the inductor-compiled model
+    are eager's (within the ONNX parity gate), the last batch padded, and the facts say so."""
+    import json
+
+    import torch
+
+    from pipeline.checkpoints import save_pipeline_checkpoint
+    from pipeline.formats import normalized
+    from pipeline.runner import MANIFEST
+    from pipeline.stages import reference
+
+    reparam, images = tmp_path / "reparam", tmp_path / "images"
+    reparam.mkdir(), images.mkdir()
+    save_pipeline_checkpoint(reparam / "fused.pt", trained.fused, trained.meta)
+    pixels = trained.check[:100]   # batch 196 at 64 px: one padded batch
+    np.save(images / "pixels.npy", pixels)
+    (images / MANIFEST).write_text(json.dumps({"facts": {"dataset": None}}))
+    inputs = {"reparam": reparam, "images": images}
+    with torch.no_grad():
+        want = trained.fused(torch.from_numpy(normalized(pixels, trained.meta))).numpy()
+    for setting in ("never", "always"):
+        out = tmp_path / setting
+        out.mkdir()
+        facts = reference.run(reference.ReferenceConfig(16, setting), inputs, out)
+        got = np.load(out / "logits.npy")
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+        assert ("inductor-compiled" in facts["runtime"]) == (setting == "always"), facts
+    assert facts["compiled"]["compiled"] and facts["compiled"]["max_rel_diff_vs_eager"] <= 1e-4

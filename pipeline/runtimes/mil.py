@@ -86,17 +86,24 @@ class MilInterpreter:
             counts[op.op_type] = counts.get(op.op_type, 0) + 1
         return counts
 
-    @torch.no_grad()
     def run(self, image: np.ndarray) -> np.ndarray:
         """``image``: float NCHW 0..255 RGB (what Core ML makes of an image input), any batch
         size: every op is applied to the whole batch at once (the program's batch-1 reshapes
         take the batch). Returns the tensor the program feeds its ``classify`` op
         (probabilities), or its output."""
-        env: dict[str, Any] = dict(self.consts)
+        return self.forward(self.input_tensor(image)).numpy()
+
+    @staticmethod
+    def input_tensor(image: np.ndarray) -> torch.Tensor:
         # Channels-last: oneDNN's convolutions skip their layout reorders (about 10% here);
         # every op keeps the layout it is given.
-        env[self.input_name] = torch.from_numpy(np.asarray(image, np.float32)).contiguous(
-            memory_format=torch.channels_last)
+        return torch.from_numpy(np.asarray(image, np.float32)).contiguous(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``run`` on a tensor (what ``compiled.FixedBatch`` traces and compiles)."""
+        env: dict[str, Any] = dict(self.consts)
+        env[self.input_name] = x
         result = None
         for i, op in enumerate(self.ops):
             if op.op_type == "const" or op.op_type.startswith("constexpr_"):
@@ -109,9 +116,7 @@ class MilInterpreter:
                 env[op.outputs[0].name] = self._rounded(out, op.outputs[0], fresh)
             for name in self._free_after.get(i, ()):
                 env.pop(name, None)
-        if result is None:
-            result = env[self.main.outputs[0].name]
-        return result.numpy()
+        return env[self.main.outputs[0].name] if result is None else result
 
     def _aliases_input(self, op, env, out) -> bool:
         """Whether ``out`` shares memory with one of the op's inputs (a cast returns its

@@ -48,7 +48,7 @@ STAGES = {s.name: s for s in [
 
 EXPORT_CODE = ("pipeline.stages.export", "pipeline.stages.qat", "pipeline.stages.validate", "pipeline.runtimes", *MODEL_CODE, *DATA_CODE,
                *FORMAT_CODE)
-VALIDATE_CODE = ("pipeline.stages.validate", "pipeline.stages.images", "pipeline.scoring", "pipeline.torchrun", "pipeline.runtimes", "pipeline.latency",
+VALIDATE_CODE = ("pipeline.stages.validate", "pipeline.stages.images", "pipeline.scoring", "pipeline.compiled", "pipeline.torchrun", "pipeline.runtimes", "pipeline.latency",
                  *MODEL_CODE, *DATA_CODE, *FORMAT_CODE)
 
 
@@ -68,8 +68,8 @@ SCORING = [
           fingerprint=images.fingerprint, code=("pipeline.stages.images", *MODEL_CODE, *DATA_CODE),
           libraries=("torch", "pillow")),
     Stage("reference", reference.run, needs=("reparam", "images"), section="validate", narrow=reference.narrow,
-          code=("pipeline.stages.reference", "pipeline.stages.images", "pipeline.stages.validate", *MODEL_CODE,
-                *DATA_CODE), libraries=("torch",)),
+          code=("pipeline.stages.reference", "pipeline.stages.images", "pipeline.stages.validate", "pipeline.compiled",
+                *MODEL_CODE, *DATA_CODE), libraries=("torch",)),
 ]
 
 

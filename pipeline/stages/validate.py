@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 
 from .. import scoring
+from ..compiled import Setting, wanted
 from ..data import sample_images
 from ..formats import kl_per_image, softmax
 from ..progress import Progress
@@ -37,6 +38,9 @@ class ValidateConfig:
     crop_pct: Optional[float] = None  # evaluation crop; default: the model's
     workers: int = 0               # image-decoding processes for large DATA (0: one per core, up to 8)
     processes: int = 1             # > 1: each format scored by this many processes under torchrun
+    # PyTorch scorers (float reference, Core ML simulation) compiled with inductor: auto from
+    # compiled.AUTO_MIN_IMAGES scored images on (compiling costs 5-60 s).
+    compile: Setting = "auto"
 
     def validate(self):
         if self.latency_runs < 1 or self.batch_size < 1:
@@ -136,13 +140,16 @@ def run(fmt: str, cfg: ValidateConfig, inputs: dict, out_dir: Path) -> dict:
     ref = np.load(inputs["reference"] / "logits.npy", mmap_mode="r")
     # Scoring uses every core (ONNX int8 105 -> 137, TFLite 153 -> 284 images/s with 2);
     # latency below is timed at each of ``threads``.
-    rt = open_runtime(fmt, export_dir / a["path"], meta, threads=os.cpu_count() or 1)
+    compile = wanted(cfg.compile, len(pixels))
+    rt = open_runtime(fmt, export_dir / a["path"], meta, threads=os.cpu_count() or 1, compile=compile,
+                      batch_size=cfg.batch_size)
     how = f"{cfg.processes} processes (torchrun)" if cfg.processes > 1 else rt.name
     start = time.perf_counter()
     with Progress(len(pixels), f"{fmt}: scoring images in {how}") as bar:
         s = scoring.score(fmt, export_dir / a["path"], meta, inputs["images"] / "pixels.npy", cfg.batch_size,
-                          cfg.processes, out_dir / ".shards", bar.update, runtime=rt)
-    throughput = measured_throughput(len(pixels), time.perf_counter() - start, how, cfg.batch_size)
+                          cfg.processes, out_dir / ".shards", bar.update, runtime=rt, compile=compile)
+    throughput = measured_throughput(len(pixels), time.perf_counter() - start,
+                                     how if cfg.processes > 1 else rt.name, cfg.batch_size)
     shutil.rmtree(out_dir / ".shards", ignore_errors=True)
     ref = np.asarray(ref)
     dataset = facts_of(inputs["images"])["dataset"]
@@ -153,6 +160,8 @@ def run(fmt: str, cfg: ValidateConfig, inputs: dict, out_dir: Path) -> dict:
              "accuracy": ({**accuracy(s, y, dataset), "drop_vs_float": paired_drop(ref, s, y)}
                           if y is not None else None),
              "fidelity": fidelity(target, s, ref_probs, probs), "throughput": throughput, "latency": []}
+    if getattr(rt, "compiled", None) and cfg.processes == 1:
+        entry["compiled"] = rt.compiled.facts
     if rt.method == "measured":
         pixel = sets_pixel(preprocess_of(meta))
         for t in cfg.threads:

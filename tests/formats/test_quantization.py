@@ -56,6 +56,19 @@ def test_int8_fidelity_and_size(fmt, trained, tmp_path, fp32_sizes):
         assert e["xnnpack_partitions"] == 1 and e["fast_path"]
 
 
+@pytest.mark.slow   # about 35 s (inductor compiles the whole program); tests/test_compiled.py covers the mechanism
+def test_compiled_coreml_simulation_is_the_interpreters(trained, tmp_path):
+    """Large sets run the simulation compiled with inductor: the same probabilities as the
+    interpreter, every fp16 rounding kept, the last batch padded (128 = 3 x 40 + 8)."""
+    r = export("coreml", "int8", trained, tmp_path)
+    interpreted = MilRuntime(r.path, trained.meta).predict(trained.check)
+    compiled = MilRuntime(r.path, trained.meta, compile=True, batch_size=40)
+    got = np.concatenate([compiled.predict(trained.check[s:s + 40]) for s in range(0, 128, 40)])
+    assert compiled.compiled.facts["compiled"] and "inductor-compiled" in compiled.name, compiled.compiled.facts
+    assert np.array_equal(got, got.astype(np.float16).astype(np.float32))
+    assert np.abs(got - interpreted).max() <= 1e-3 and (got.argmax(1) == interpreted.argmax(1)).all()
+
+
 @pytest.mark.slow   # two Core ML int8 conversions; the default reaches the program in every int8 test
 def test_coreml_activation_options_reach_the_program(trained, tmp_path):
     """export.coreml.quantization_scheme / activation_observer are what coremltools uses:
