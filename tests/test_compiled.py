@@ -36,6 +36,20 @@ def test_compiled_matches_eager_and_pads_the_last_batch():
     assert fb(x[:1]).shape == (1, 8 * 12 * 12)
 
 
+def test_a_module_compiled_with_frozen_weights_matches_eager():
+    """The float reference's way: an nn.Module, inductor's freezing (weights pre-packed)."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GELU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5)).eval()
+    x = torch.randn(5, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    fb = FixedBatch(model, batch=4, tolerance=1e-4, freezing=True)
+    got = fb(x)
+    with torch.no_grad():
+        want = model(x)
+    assert fb.facts["compiled"] and fb.facts["max_rel_diff_vs_eager"] <= 1e-4, fb.facts
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
 def test_a_compiled_graph_that_computes_something_else_is_not_used():
     # Random draws differ between the eager check and the compiled run: the check must see it.
     fb = FixedBatch(lambda x: x + torch.rand_like(x), batch=2, tolerance=1e-6)

@@ -40,6 +40,7 @@ def test_budget_states_unit_and_standard_error():
     assert b["standard_error"] == pytest.approx(100 * math.sqrt(0.04 * 0.96 / 100), abs=1e-3)
 
 
+@pytest.mark.slow   # about 20 s (inductor compiles m0.6); tests/test_compiled.py covers the mechanism
 def test_reference_compiled_for_large_sets_matches_eager(trained, tmp_path):
     """``validate.compile``: the float reference's logits from the inductor-compiled model
     are eager's (within the ONNX parity gate), the last batch padded, and the facts say so."""
