@@ -21,7 +21,6 @@ Setting = Literal["auto", "always", "never"]
 # disk cache) and saves about 6 ms per image in the Core ML simulation, 2 ms in the float
 # reference: worth it from a few thousand images.
 AUTO_MIN_IMAGES = 5000
-NOT_CALLED = "not called yet"
 
 
 def wanted(setting: Setting, images: int) -> bool:
@@ -59,7 +58,14 @@ class FixedBatch:
         self.eager, self.batch, self.tolerance = eager, batch, tolerance
         self.inductor = {"compile_threads": 1, **inductor}
         self.fn: Callable | None = None
-        self.facts: dict = {"compiled": False, "reason": NOT_CALLED}
+        self.facts: dict = {"compiled": False, "reason": "not called yet"}
+
+    @property
+    def how(self) -> str:
+        """What a runtime's name says about it: compiled, to be compiled, or nothing (eager)."""
+        if self.fn is None:
+            return ", to be inductor-compiled on its first batch"
+        return ", inductor-compiled" if self.facts["compiled"] else ""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         import torch

@@ -12,7 +12,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from ..compiled import NOT_CALLED
+from ..compiled import FixedBatch
 from ..formats import normalized
 
 
@@ -110,7 +110,6 @@ class MilRuntime:
     method, outputs = "simulated", "probabilities"
 
     def __init__(self, path: Path, meta: dict, threads: int = 1, compile: bool = False, batch_size: int = 16):
-        from ..compiled import FixedBatch
         from .mil import MilInterpreter
 
         self.interp = MilInterpreter(path)
@@ -120,10 +119,7 @@ class MilRuntime:
 
     @property
     def name(self) -> str:
-        facts = self.compiled.facts if self.compiled else {}
-        how = (", inductor-compiled" if facts.get("compiled") else
-               ", to be inductor-compiled on its first batch" if facts.get("reason") == NOT_CALLED else "")
-        return f"MIL interpreter (PyTorch{how}, simulated Core ML)"
+        return f"MIL interpreter (PyTorch{self.compiled.how if self.compiled else ''}, simulated Core ML)"
 
     def predict(self, pixels):
         # Batched: per-op Python overhead is paid once per batch, not once per image.
@@ -131,8 +127,8 @@ class MilRuntime:
         return (self.compiled or self.interp.forward)(x).numpy()
 
     def invoker(self, pixels):
-        x = np.ascontiguousarray(pixels[:1].transpose(0, 3, 1, 2).astype(np.float32))
-        return lambda: self.interp.run(x)
+        x = self.interp.input_tensor(pixels[:1].transpose(0, 3, 1, 2))
+        return lambda: self.interp.forward(x)
 
 
 def alternate_latency(runtimes: list, pixels: np.ndarray, warmup: int = 10, runs: int = 50) -> list[float]:

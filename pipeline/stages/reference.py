@@ -54,10 +54,9 @@ def run(cfg: ReferenceConfig, inputs: dict, out_dir: Path) -> dict:
             logits[s:s + step] = forward(x).numpy()
             bar.update(len(pixels[s:s + step]))
     logits.flush()
-    compiled = forward.facts if isinstance(forward, FixedBatch) else None
-    how = ", inductor-compiled" if compiled and compiled["compiled"] else ""
-    runtime = f"PyTorch {torch.__version__} float32 (fused{how})"
+    compiled = isinstance(forward, FixedBatch)
+    runtime = f"PyTorch {torch.__version__} float32 (fused{forward.how if compiled else ''})"
     dataset = facts_of(inputs["images"])["dataset"]
-    return {"format": "pytorch", "runtime": runtime, **({"compiled": compiled} if compiled else {}),
+    return {"format": "pytorch", "runtime": runtime, **({"compiled": forward.facts} if compiled else {}),
             "throughput": measured_throughput(len(pixels), time.perf_counter() - start, runtime, step),
             "accuracy": accuracy(np.asarray(logits), labels, dataset) if labels is not None else None}
