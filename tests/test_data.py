@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from pipeline.data import (DataConfig, DataError, Preprocess, budget_set, class_index_for,
-                           calibration_pixels, image_folder, imagenet_classes, load_pixels, open_image,
-                           resolve_sets, training_pixels, workers_for)
+                           calibration_pixels, image_folder, imagenet_classes, load_pixels, normalize_pixels,
+                           normalized_tensor, open_image, resolve_sets, training_pixels, workers_for)
 
 
 def make_folder(root, classes, per_class=3, size=(40, 30)):
@@ -25,6 +25,27 @@ def test_preprocess_resizes_shorter_side_then_centre_crops():
     assert pre(img).shape == (3, 224, 224) and pre(img).dtype == np.float32
     # 224 / 0.95 = 235 (floor, as timm): the crop is the centre of a 235-px-high image
     assert pre.crop(img).size == (224, 224)
+
+
+def test_normalization_is_numpys_float32_formula_bit_for_bit():
+    # Every value in every channel, at odd sizes (vectorized bodies and scalar tails), in
+    # a read-only memory-map-like array, as scoring passes them.
+    rng = np.random.default_rng(0)
+    pixels = np.concatenate([np.stack([np.arange(256, dtype=np.uint8)] * 3, -1).reshape(1, 16, 16, 3),
+                             rng.integers(0, 256, (1, 16, 16, 3), np.uint8)])
+    pixels = np.concatenate([pixels, pixels[:, ::-1]])
+    pixels.setflags(write=False)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    expected = ((pixels.astype(np.float32) / np.float32(255) - np.asarray(mean, np.float32))
+                / np.asarray(std, np.float32)).transpose(0, 3, 1, 2)
+    got = normalize_pixels(pixels, mean, std)
+    assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got, expected)
+    odd = pixels[:, :13, :11]
+    assert np.array_equal(normalize_pixels(odd, mean, std), expected[:, :, :13, :11])
+    import torch
+    cl = normalized_tensor(pixels, mean, std, channels_last=True)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and np.array_equal(cl.numpy(), expected)
+    assert np.array_equal(normalized_tensor(odd, mean, std).numpy(), expected[:, :, :13, :11])
 
 
 def test_image_folder_orders_classes_like_imagefolder(tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 from ..checkpoints import load_model
 from ..compiled import FixedBatch, Setting, wanted
-from ..formats import normalized
+from ..data import normalized_tensor
 from ..progress import Progress
 from ..runner import facts_of
 from .images import scored
@@ -50,7 +50,7 @@ def run(cfg: ReferenceConfig, inputs: dict, out_dir: Path) -> dict:
     start = time.perf_counter()
     with Progress(len(pixels), "float reference on images") as bar, torch.no_grad():
         for s in range(0, len(pixels), step):
-            x = torch.from_numpy(normalized(pixels[s:s + step], ckpt.meta)).contiguous(memory_format=torch.channels_last)
+            x = normalized_tensor(pixels[s:s + step], ckpt.meta["mean"], ckpt.meta["std"], channels_last=True)
             logits[s:s + step] = forward(x).numpy()
             bar.update(len(pixels[s:s + step]))
     logits.flush()

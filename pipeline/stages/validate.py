@@ -138,11 +138,12 @@ def run(fmt: str, cfg: ValidateConfig, inputs: dict, out_dir: Path) -> dict:
     meta = scoring_meta(inputs["reparam"], cfg.crop_pct)
     pixels, y = scored(inputs["images"])
     ref = np.load(inputs["reference"] / "logits.npy", mmap_mode="r")
-    # Scoring uses every core (ONNX int8 105 -> 137, TFLite 153 -> 284 images/s with 2);
-    # latency below is timed at each of ``threads``.
+    # Scoring uses every core (ONNX int8 105 -> 137, TFLite 153 -> 284 images/s with 2;
+    # onnxruntime as one-thread lanes, OnnxRuntime); latency below is timed at each of ``threads``.
     compile = wanted(cfg.compile, len(pixels))
-    rt = open_runtime(fmt, export_dir / a["path"], meta, threads=os.cpu_count() or 1, compile=compile,
-                      batch_size=cfg.batch_size)
+    cores = os.cpu_count() or 1
+    rt = open_runtime(fmt, export_dir / a["path"], meta, threads=cores, compile=compile,
+                      batch_size=cfg.batch_size, lanes=cores)
     how = f"{cfg.processes} processes (torchrun)" if cfg.processes > 1 else rt.name
     start = time.perf_counter()
     with Progress(len(pixels), f"{fmt}: scoring images in {how}") as bar:
@@ -169,7 +170,7 @@ def run(fmt: str, cfg: ValidateConfig, inputs: dict, out_dir: Path) -> dict:
             timed = open_runtime(fmt, export_dir / a["path"], meta, threads)
             lat = measure_latency(timed.invoker(pixel), cfg.latency_warmup, cfg.latency_runs)
             entry["latency"].append({"target": f"host ({threads} thread{'s' * (threads > 1)})",
-                                     "runtime": rt.name, **lat, "method": "measured",
+                                     "runtime": timed.name, **lat, "method": "measured",
                                      "details": f"{cpu_name()}, batch 1, {cfg.latency_warmup} "
                                                 f"warm-up + {cfg.latency_runs} runs"})
     if fmt == "coreml" and cfg.iphone:
