@@ -9,9 +9,9 @@ runtime, batched), each stage's wall time and, inside it, its scoring loop's (th
 latency timing) once and multiplies the per-image work by 50000 / n: per-image cost stays
 flat because every stage streams from a memory-mapped file in batches. The PyTorch scorers
 (float reference, Core ML simulation) run inductor-compiled (``validate.compile=always``,
-what ``auto`` does from 5,000 images): their compile time and the eager run of the first
-batch that checks it, inside the first batch, are counted once as set-up. It is labelled extrapolated, next to the cruder "every second
-times 50000 / n". Weights are seeded random (no official
+what ``auto`` does from 5,000 images): their compile time and the eager run that checks
+it, inside the first batch, are counted once as set-up. It is labelled extrapolated, next
+to the cruder "every second times 50000 / n". Weights are seeded random (no official
 weights offline), which changes no timing. Also prints the Core ML simulation's throughput
 next to PyTorch eager on the same images (the issue's 0.5x goal)."""
 from __future__ import annotations

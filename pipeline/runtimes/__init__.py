@@ -3,7 +3,7 @@
 probabilities (Core ML, TFLite), and ``method`` says how results were obtained.
 ``invoker(pixels)`` returns a call that runs the model once on input already converted
 to what the runtime takes: latency is the runtime's, without this package's numpy
-preprocessing (about 1 ms at 224 px once, which made int8 look slower next to fp32)."""
+preprocessing (it once took 1 ms per 224 px image, which made int8 look slower next to fp32)."""
 from __future__ import annotations
 
 import platform
