@@ -42,7 +42,8 @@ class SpinningOnnx(OnnxRuntime):
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.log_severity_level = threads, 3
-        self.sess, self.meta = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), meta
+        self.sessions = [ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])]
+        self.meta = meta
 
 
 def blocked_latency(runtimes: list, pixels, runs: int, block: int = 20) -> list[float]:

@@ -36,17 +36,17 @@ def normalize_pixels(pixels: np.ndarray, mean, std) -> np.ndarray:
     return x
 
 
-def normalized_tensor(pixels: np.ndarray, mean, std, channels_last: bool = False):
-    """``normalize_pixels`` as a torch tensor, NCHW or channels-last (what oneDNN's
-    convolutions take without a reorder): the same float32 operations in the same order,
-    bit-identical (tests/test_data.py), in torch's vectorized kernels for the PyTorch
-    scorers (0.2 against 0.7 ms per 224 px image in the float reference's loop, numpy then
-    a channels-last copy)."""
+def normalized_tensor(pixels: np.ndarray, mean, std):
+    """``normalize_pixels`` as a channels-last torch tensor (what oneDNN's convolutions take
+    without a reorder): the same float32 operations in the same order, bit-identical
+    (tests/test_data.py), in torch's vectorized kernels for the PyTorch scorers (0.2
+    against 0.7 ms per 224 px image in the float reference's loop, numpy then a
+    channels-last copy)."""
     import torch
 
     # A copy: the pixels are often a read-only memory map, which torch will not wrap.
     x = torch.from_numpy(np.array(pixels, np.uint8)).permute(0, 3, 1, 2)
-    x = x.to(torch.float32, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    x = x.to(torch.float32, memory_format=torch.channels_last)
     channel = (1, -1, 1, 1)
     return (x.div_(255.0).sub_(torch.tensor(mean, dtype=torch.float32).view(channel))
             .div_(torch.tensor(std, dtype=torch.float32).view(channel)))

@@ -43,7 +43,7 @@ def test_normalization_is_numpys_float32_formula_bit_for_bit():
     odd = pixels[:, :13, :11]
     assert np.array_equal(normalize_pixels(odd, mean, std), expected[:, :, :13, :11])
     import torch
-    cl = normalized_tensor(pixels, mean, std, channels_last=True)
+    cl = normalized_tensor(pixels, mean, std)
     assert cl.is_contiguous(memory_format=torch.channels_last) and np.array_equal(cl.numpy(), expected)
     assert np.array_equal(normalized_tensor(odd, mean, std).numpy(), expected[:, :, :13, :11])
 

@@ -27,11 +27,12 @@ class Runtime(Protocol):
 
 
 class OnnxRuntime:
-    """``lanes`` > 1: ``predict`` splits each batch over that many one-thread sessions run
-    side by side. onnxruntime runs some ops between its int8 convolutions on one thread
-    (DequantizeLinear, QLinearMul: its profiler, m0.9), so a batch of 16 scored 221 images/s
-    on two one-thread sessions against 196 on one two-thread session (six runs each, medians;
-    identical logits). ``invoker`` (latency, one image) uses the ``threads``-thread session."""
+    """``lanes`` > 1: that many one-thread sessions in place of one ``threads``-thread
+    session, and ``predict`` splits each batch over them, run side by side. onnxruntime runs
+    some ops between its int8 convolutions on one thread (DequantizeLinear, QLinearMul: its
+    profiler, m0.9), so a batch of 16 scored 221 images/s on two one-thread sessions against
+    196 on one two-thread session (six runs each, medians; identical logits). ``invoker``
+    (latency, one image) runs the first session: time latency on a runtime without lanes."""
     method, outputs = "measured", "logits"
 
     def __init__(self, path: Path, meta: dict, threads: int = 1, lanes: int = 1):
@@ -39,24 +40,24 @@ class OnnxRuntime:
 
         from ..formats.onnx import session
 
-        self.sess, self.meta = session(path, threads), meta
-        self.lanes = [session(path, 1) for _ in range(lanes)] if lanes > 1 else []
-        self.name = f"onnxruntime {ort.__version__} CPU" + (f" ({lanes} one-thread sessions)" if self.lanes else "")
+        self.sessions = [session(path, 1) for _ in range(lanes)] if lanes > 1 else [session(path, threads)]
+        self.meta = meta
+        self.name = f"onnxruntime {ort.__version__} CPU" + (f" ({lanes} one-thread sessions)" if lanes > 1 else "")
 
     def predict(self, pixels):
         x = normalized(pixels, self.meta)
-        if not self.lanes or len(x) < 2:
-            return self.sess.run(None, {"input": x})[0]
+        parts = np.array_split(x, max(1, min(len(self.sessions), len(x))))
+        if len(parts) == 1:
+            return self.sessions[0].run(None, {"input": x})[0]
         from concurrent.futures import ThreadPoolExecutor
 
-        parts = np.array_split(x, min(len(self.lanes), len(x)))
         with ThreadPoolExecutor(len(parts)) as pool:   # onnxruntime lets go of the GIL while it runs
             return np.concatenate(list(pool.map(lambda sp: sp[0].run(None, {"input": sp[1]})[0],
-                                                zip(self.lanes, parts))))
+                                                zip(self.sessions, parts))))
 
     def invoker(self, pixels):
         feed = {"input": normalized(pixels, self.meta)}
-        return lambda: self.sess.run(None, feed)
+        return lambda: self.sessions[0].run(None, feed)
 
 
 class LiteRTRuntime:

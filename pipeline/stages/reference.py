@@ -50,7 +50,7 @@ def run(cfg: ReferenceConfig, inputs: dict, out_dir: Path) -> dict:
     start = time.perf_counter()
     with Progress(len(pixels), "float reference on images") as bar, torch.no_grad():
         for s in range(0, len(pixels), step):
-            x = normalized_tensor(pixels[s:s + step], ckpt.meta["mean"], ckpt.meta["std"], channels_last=True)
+            x = normalized_tensor(pixels[s:s + step], ckpt.meta["mean"], ckpt.meta["std"])
             logits[s:s + step] = forward(x).numpy()
             bar.update(len(pixels[s:s + step]))
     logits.flush()
