@@ -57,7 +57,7 @@ def main():
         print(f"{fmt} {what}: {rows[-1][2]} {rows[-1][3]}", file=sys.stderr)
     ref = rep["reference"]["accuracy"]
     print(f"\nRepViT-M0.9 CIFAR-10 reference, {ref['n']} test images; float PyTorch top-1 "
-          f"{100 * ref['top1']:.2f}% (measured). Core ML rows are simulated (MIL interpreter, fp16); "
+          f"{100 * ref['top1']:.2f}% (measured). Core ML rows are simulated (MIL interpreter: int8 x int8 convs, fp16 elsewhere); "
           "ONNX rows are measured in onnxruntime.")
     print(f"{'format':7} {'activation ranges':50} {'drop, points':>14} {'agreement %':>12}")
     for fmt, what, drop, agreement, method in rows:

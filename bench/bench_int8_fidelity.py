@@ -4,7 +4,7 @@ residual-stream equalization (pipeline/models/equalize.py), on the trained refer
 the 10,000 test images are scored, the accuracy-aware pass is off so the rows compare the
 quantization alone. Prints the top-1 drop against float with its paired standard error,
 the top-1 agreement with float and the mean KL(float || int8) per image. Core ML rows are
-simulated (MIL interpreter, fp16); ONNX and TFLite rows run in onnxruntime and LiteRT."""
+simulated (MIL interpreter: int8 x int8 convs, fp16 elsewhere); ONNX and TFLite rows run in onnxruntime and LiteRT."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +37,7 @@ def main():
             results.append((a["format"], label, a["accuracy"]["drop_vs_float"], a["fidelity"], a["method"]))
     ref = rep["reference"]["accuracy"]
     print(f"\nRepViT-M0.9 CIFAR-10 reference, {ref['n']} test images; float PyTorch top-1 "
-          f"{100 * ref['top1']:.2f}% (measured). Core ML rows are simulated (MIL interpreter, fp16).")
+          f"{100 * ref['top1']:.2f}% (measured). Core ML rows are simulated (MIL interpreter: int8 x int8 convs, fp16 elsewhere).")
     print(f"{'format':7} {'int8':32} {'drop, points':>14} {'agreement %':>12} {'mean KL':>9}")
     for fmt, label, drop, fid, method in sorted(results, key=lambda r: r[0]):
         print(f"{fmt:7} {label:32} {drop['points']:6.2f} ± {drop['standard_error']:.2f} "

@@ -100,8 +100,8 @@ def main():
     qat, _ = deploy(qat_run, log_stderr)
     ref = ptq["reference"]["accuracy"]
     print(f"\nRepViT-M0.9 CIFAR-10 reference, {ref['n']} test images; float PyTorch top-1 "
-          f"{100 * ref['top1']:.2f}% (measured). Core ML rows are simulated (MIL interpreter at the "
-          "program's fp16 precision); ONNX and TFLite rows are measured in onnxruntime / LiteRT.")
+          f"{100 * ref['top1']:.2f}% (measured). Core ML rows are simulated (MIL interpreter: int8 x "
+          "int8 convs, fp16 elsewhere); ONNX and TFLite rows are measured in onnxruntime / LiteRT.")
     qat_stage = qat["qat"]
     for backend, t in qat_stage["trained"].items():
         print(f"QAT {backend} ({', '.join(t['formats'])}): {t['steps']} steps on {t['device']} x "

@@ -128,13 +128,15 @@ class MilRuntime:
         from .mil import MilInterpreter
 
         self.interp = MilInterpreter(path)
+        self.interp.prepare()   # before the compiled graph is traced
         # Probabilities within 1e-3 of the interpreter's (it measured bit-identical here).
         self.compiled = (FixedBatch(self.interp.forward, batch_size, tolerance=1e-3, emulate_precision_casts=True)
                          if compile else None)
 
     @property
     def name(self) -> str:
-        return f"MIL interpreter (PyTorch{self.compiled.how if self.compiled else ''}, simulated Core ML)"
+        ints = ", int8 x int8 convs" if self.interp.integer_convs else ""
+        return f"MIL interpreter (PyTorch{ints}{self.compiled.how if self.compiled else ''}, simulated Core ML)"
 
     def predict(self, pixels):
         # Batched: per-op Python overhead is paid once per batch, not once per image.

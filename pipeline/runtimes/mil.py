@@ -6,12 +6,20 @@ dtype the program declares for it (fp16 programs store every intermediate as fp1
 which is how fp16 programs are simulated. Compressed weights (palettized, int8) are
 expanded with coremltools' own ``materialized_val_inference``. Results from here are
 ``simulated``: the real Core ML runtime (macOS) may differ in accumulation order.
+
+W8A8 convolutions (int8 weights, input from quantize -> dequantize) compute in integers
+where oneDNN can (``integer_convs``): the int8 activations times the int8 weights summed
+exactly in int32, then scaled, in float32, and rounded to fp16 like any conv. The float
+path instead multiplies fp16-rounded dequantized values, so the two differ by rounding
+at the fp16 level (tests/test_mil.py bounds it); the integer one ran the Core ML simulation
+of m0.9 about twice as fast here (README).
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -49,8 +57,41 @@ def _const_value(op) -> np.ndarray | Any:
     return op.materialized_val_inference()  # constexpr_*: palettized / quantized weights
 
 
+class IntegerConv(NamedTuple):
+    """A W8A8 conv run as oneDNN's u8 x s8 convolution with a float32 result."""
+    source: str                 # the quantize op's output: integers, held as float
+    shift: int                  # added to make them uint8 (128 for int8, 0 for uint8)
+    x_scale: float
+    x_zero_point: int           # in the shifted (uint8) domain
+    weight: torch.Tensor        # int8 [cout, cin/groups, kh, kw]
+    w_scale: torch.Tensor       # float32 [cout]
+
+
+@functools.cache
+def integer_convs_exact() -> bool:
+    """Whether oneDNN's u8 x s8 convolution here sums exactly (no int16 saturation, as
+    AVX2 without VNNI can have) and agrees with float32 on extreme values."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        qx = torch.randint(0, 256, (2, 16, 5, 5), generator=g, dtype=torch.uint8)
+        qx[0] = 255   # u8 255 x s8 127, pairwise: past int16 (sums stay below 2^24, exact in fp32)
+        qw = torch.randint(-127, 128, (8, 16, 3, 3), generator=g, dtype=torch.int8)
+        qw[0] = 127
+        scale = torch.ones(8)
+        packed = torch.ops.onednn.qconv_prepack(qw, scale, 1.0, 3, [1, 1], [1, 1], [1, 1], 1, None)
+        got = torch.ops.onednn.qconv_pointwise(
+            qx.contiguous(memory_format=torch.channels_last), 1.0, 3, packed, scale,
+            torch.zeros(8, dtype=torch.int64), None, [1, 1], [1, 1], [1, 1], 1, 1.0, 0,
+            torch.float32, "none", [], "")
+        want = torch.nn.functional.conv2d(qx.double() - 3, qw.double(), padding=1)
+        return bool(torch.equal(got.double(), want))
+    except (RuntimeError, AttributeError, NotImplementedError):   # no oneDNN (e.g. Arm builds)
+        return False
+
+
 class MilInterpreter:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, integer_convs: bool | None = None):
+        """``integer_convs``: W8A8 convs in oneDNN integers (None: where that is exact here)."""
         self.spec, self.prog = load_program(path)
         self.main = self.prog.functions["main"]
         self.ops = list(self.main.operations)
@@ -65,20 +106,87 @@ class MilInterpreter:
                 self.consts[op.outputs[0].name] = (torch.from_numpy(np.asarray(v, dtype=np.float32))
                                                    if isinstance(v, np.ndarray) and v.dtype.kind == "f"
                                                    else v)
+        if integer_convs is None:
+            integer_convs = integer_convs_exact()
+        self._integer: dict[int, IntegerConv] = {}
+        if integer_convs:
+            for op in self.ops:
+                plan = self._integer_plan(op) if op.op_type == "conv" else None
+                if plan:
+                    self._integer[id(op)] = plan
+        self._packed: dict[int, torch.Tensor] = {}
         # Each intermediate is dropped after its last reader: holding every op's output for
         # the whole run made each op write into fresh memory (page faults: 2x slower per
         # conv at batch 16, 224 px) and memory grow with the depth of the program.
         last_read: dict[str, int] = {}
         for i, op in enumerate(self.ops):
-            for var in self._inputs[id(op)].values():
-                for v in (var if isinstance(var, (list, tuple)) else (var,)):
-                    if v.name not in self.consts:
-                        last_read[v.name] = i
+            for name in self._reads(op):
+                if name not in self.consts:
+                    last_read[name] = i
         kept = {v.name for v in self.main.outputs}
+        # A dequantize that only integer convs read is never computed.
+        self._skip = {id(op) for op in self.ops if op.op_type == "dequantize"
+                      and op.outputs[0].name not in last_read and op.outputs[0].name not in kept}
         self._free_after: dict[int, list[str]] = {}
         for name, i in last_read.items():
             if name not in kept:
                 self._free_after.setdefault(i, []).append(name)
+
+    def _integer_plan(self, op) -> IntegerConv | None:
+        """How ``op`` runs in integers, or None: its weight must be int8 with a zero offset
+        (constexpr_affine_dequantize, per output channel) and its input a per-tensor
+        dequantize of a quantize's output."""
+        ins = self._inputs[id(op)]
+        wop, dq = ins["weight"].op, ins["x"].op
+        if wop is None or wop.op_type != "constexpr_affine_dequantize" or dq is None or dq.op_type != "dequantize":
+            return None
+        w = dict(wop.inputs)
+        data, w_zp, w_scale = (np.asarray(w[k].val) for k in ("quantized_data", "zero_point", "scale"))
+        if data.dtype != np.int8 or np.any(w_zp) or int(w["axis"].val) != 0 or w_scale.size not in (1, data.shape[0]):
+            return None
+        d = dict(dq.inputs)
+        q = d["input"].op
+        if q is None or q.op_type != "quantize" or d.get("axis") is not None:
+            return None
+        x_scale = np.asarray(d["scale"].val)
+        x_zp = np.asarray(d["zero_point"].val if d.get("zero_point") is not None else 0)
+        if x_scale.size != 1 or x_zp.size != 1:
+            return None
+        shift = 128 if str(dict(q.inputs)["output_dtype"].val) == "int8" else 0
+        if self._val(op, "pad_type", self.consts) == "same":   # needs the input's shape
+            return None
+        layout = self._conv_layout(op, self.consts, None, None)
+        (left, right, top, bottom) = layout[3]
+        if left != right or top != bottom:   # oneDNN pads symmetrically
+            return None
+        self._conv_params[id(op)] = layout
+        return IntegerConv(q.outputs[0].name, shift, float(x_scale), int(x_zp) + shift,
+                           torch.from_numpy(data.copy()),
+                           torch.from_numpy(np.broadcast_to(w_scale.astype(np.float32), data.shape[:1]).copy()))
+
+    def _reads(self, op) -> list[str]:
+        """Names of the values ``op`` reads (an integer conv reads its quantize's integers)."""
+        ins = self._inputs[id(op)]
+        if id(op) in self._integer:
+            ins = {k: v for k, v in ins.items() if k != "x"}
+        names = [v.name for var in ins.values() for v in (var if isinstance(var, (list, tuple)) else (var,))]
+        return names + [self._integer[id(op)].source] if id(op) in self._integer else names
+
+    @property
+    def integer_convs(self) -> int:
+        """How many convs run in integers."""
+        return len(self._integer)
+
+    def prepare(self) -> None:
+        """Pack the integer convs' weights for oneDNN (once; before tracing the program)."""
+        for key, plan in self._integer.items():
+            if key not in self._packed:
+                strides, dil, groups, (left, _, top, _) = self._conv_params[key]
+                self._packed[key] = torch.ops.onednn.qconv_prepack(
+                    plan.weight, plan.w_scale, plan.x_scale, plan.x_zero_point, strides, [top, left],
+                    dil, groups, None)
+        self._w_zero_point = {key: torch.zeros(len(plan.w_scale), dtype=torch.int64)
+                              for key, plan in self._integer.items()}
 
     def op_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -106,7 +214,7 @@ class MilInterpreter:
         env[self.input_name] = x
         result = None
         for i, op in enumerate(self.ops):
-            if op.op_type == "const" or op.op_type.startswith("constexpr_"):
+            if op.op_type == "const" or op.op_type.startswith("constexpr_") or id(op) in self._skip:
                 pass
             elif op.op_type == "classify":
                 result = env[self._inputs[id(op)]["probabilities"].name]
@@ -196,6 +304,8 @@ class MilInterpreter:
         return v.numpy() if isinstance(v, torch.Tensor) else v
 
     def _conv(self, op, env):
+        if id(op) in self._integer:
+            return self._integer_conv(op, self._integer[id(op)], env)
         x, w = self._arg(op, "x", env), self._arg(op, "weight", env)
         bias = self._arg(op, "bias", env) if "bias" in self._inputs[id(op)] else None
         if id(op) not in self._conv_params:
@@ -205,6 +315,18 @@ class MilInterpreter:
         if left == right and top == bottom:   # zero padding inside the conv: no padded copy
             return F.conv2d(x, w, bias, stride=strides, padding=(top, left), dilation=dil, groups=groups)
         return F.conv2d(F.pad(x, [left, right, top, bottom]), w, bias, stride=strides, dilation=dil, groups=groups)
+
+    def _integer_conv(self, op, plan: IntegerConv, env):
+        if id(op) not in self._packed:
+            self.prepare()
+        strides, dil, groups, (left, _, top, _) = self._conv_params[id(op)]
+        q = env[plan.source]
+        qx = (q + plan.shift if plan.shift else q).to(torch.uint8).contiguous(memory_format=torch.channels_last)
+        bias = self._arg(op, "bias", env) if "bias" in self._inputs[id(op)] else None
+        return torch.ops.onednn.qconv_pointwise(
+            qx, plan.x_scale, plan.x_zero_point, self._packed[id(op)], plan.w_scale,
+            self._w_zero_point[id(op)], bias, strides, [top, left], dil, groups, 1.0, 0, torch.float32,
+            "none", [], "")
 
     def _conv_layout(self, op, env, x, w) -> tuple:
         """(strides, dilations, groups, (left, right, top, bottom) padding): constant per op."""
@@ -217,6 +339,8 @@ class MilInterpreter:
         elif pad_type == "valid":
             top = bottom = left = right = 0
         elif pad_type == "same":
+            if x is None:
+                raise MilError("conv pad_type 'same' needs the input's shape")
             (kh, kw), (h, wd) = w.shape[2:], x.shape[2:]
             ph = max((math.ceil(h / strides[0]) - 1) * strides[0] + (kh - 1) * dil[0] + 1 - h, 0)
             pw = max((math.ceil(wd / strides[1]) - 1) * strides[1] + (kw - 1) * dil[1] + 1 - wd, 0)
