@@ -46,26 +46,28 @@ def score_shard(job_dir: Path, rank: int, world: int) -> None:
     part = shard(len(pixels), rank, world)
     # One thread per process: the processes are the parallelism.
     rt = open_runtime(job["format"], Path(job["artifact"]), job["meta"], threads=1,
-                      compile=job.get("compile", False), batch_size=job["batch_size"])
+                      compile=job.get("compile", False), batch_size=job["batch_size"],
+                      simulation=job.get("simulation", "int8"))
     np.save(Path(job_dir) / f"scores.{rank}.npy", predict_all(rt, pixels[part], job["batch_size"]))
 
 
 def score(fmt: str, artifact: Path, meta: dict, pixels_path: Path, batch_size: int, processes: int,
           job_dir: Path, progress: Optional[Callable[[int], None]] = None, runtime=None,
-          compile: bool = False) -> np.ndarray:
+          compile: bool = False, simulation: str = "int8") -> np.ndarray:
     """Every row of ``pixels_path`` through ``artifact``: in this process (``processes`` 1;
     ``runtime``, the artifact already opened, if given), else under torchrun with
-    ``processes`` local processes (``compile``: each compiles the Core ML simulation)."""
+    ``processes`` local processes (``compile``/``simulation``: each process's Core ML simulation)."""
     pixels = np.load(pixels_path, mmap_mode="r")
     if processes <= 1:
         from .runtimes import open_runtime
 
-        return predict_all(runtime or open_runtime(fmt, artifact, meta, compile=compile, batch_size=batch_size),
+        return predict_all(runtime or open_runtime(fmt, artifact, meta, compile=compile, batch_size=batch_size,
+                                                   simulation=simulation),
                            pixels, batch_size, progress)
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / "job.json").write_text(json.dumps({"format": fmt, "artifact": str(artifact), "meta": meta,
                                                   "pixels": str(pixels_path), "batch_size": batch_size,
-                                                  "compile": compile}))
+                                                  "compile": compile, "simulation": simulation}))
     code = torchrun("pipeline.scoring", [str(job_dir)], processes)
     if code != 0:
         raise RuntimeError(f"sharded scoring of {fmt} failed (torchrun exit {code}); run again, "

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.runtimes import MilRuntime
+from pipeline import scoring
+from pipeline.runtimes import MilRuntime, open_runtime
 from pipeline.runtimes import mil
 from pipeline.runtimes.mil import MilInterpreter, integer_convs_exact
 
@@ -53,6 +54,19 @@ def test_integer_simulation_end_to_end(trained, int8_program):
     got = integer.predict(trained.check)
     assert np.array_equal(got, got.astype(np.float16).astype(np.float32))   # still an fp16 program
     assert np.abs(got - want).max() <= 0.05 and (got.argmax(1) == want.argmax(1)).mean() >= 0.98
+
+
+def test_fp16_simulation_is_the_programs_literal_arithmetic(trained, int8_program, tmp_path):
+    """export.coreml.simulation: fp16 reaches the runtime, in this process and in the
+    scoring jobs: dequantize to fp16, then convolve, as the float interpreter does."""
+    fp = MilInterpreter(int8_program, integer_convs=False)
+    want = fp.forward(fp.input_tensor(trained.check.transpose(0, 3, 1, 2))).numpy()
+    rt = open_runtime("coreml", int8_program, trained.meta, simulation="fp16")
+    assert "int8 x int8" not in rt.name and np.array_equal(rt.predict(trained.check), want)
+    np.save(tmp_path / "pixels.npy", trained.check)
+    got = scoring.score("coreml", int8_program, trained.meta, tmp_path / "pixels.npy", 32, 1, tmp_path / "job",
+                        simulation="fp16")
+    assert np.array_equal(got, want)
 
 
 def test_inexact_integer_sums_fall_back_to_float(trained, int8_program, monkeypatch):

@@ -50,6 +50,12 @@ class CoreMLConfig:
     activation_percentile: Optional[float] = None
     # Simulated parity gate for the fp32 program (interpreter vs PyTorch probabilities).
     tolerance: float = 1e-4
+    # How a W8A8 program is simulated where Core ML cannot run (Linux; the budget check and
+    # validation): "int8", its convolutions as int8 x int8 sums (the A17 Pro / M4 Neural
+    # Engine's int8-int8 path, where W8A8 pays; the float path where oneDNN cannot sum
+    # exactly), or "fp16", the program's literal arithmetic (dequantize to fp16, then
+    # convolve: older chips, GPU, CPU). README: the two differ per image, not on average.
+    simulation: Literal["int8", "fp16"] = "int8"
 
     def validate(self):
         if self.activation_percentile is not None and not 50.0 <= self.activation_percentile <= 100.0:
@@ -77,11 +83,11 @@ def precision_of(ctx: ExportContext, cfg: CoreMLConfig) -> str:
     return cfg.precision or ("fp32" if ctx.scheme == "fp32" else "fp16")
 
 
-def image_probabilities(path: Path, pixels: np.ndarray) -> np.ndarray:
+def image_probabilities(path: Path, pixels: np.ndarray, simulation: str = "int8") -> np.ndarray:
     """Class probabilities for uint8 NHWC ``pixels`` from the MIL interpreter (simulated)."""
     from ..runtimes import MilRuntime
 
-    return MilRuntime(path, {}).predict(pixels)
+    return MilRuntime(path, {}, simulation=simulation).predict(pixels)
 
 
 def _set_metadata(ml, ctx: ExportContext, cfg: CoreMLConfig, precision: str) -> None:
@@ -153,14 +159,14 @@ class CoreMLExporter(SchemeSupport):
         ml.save(str(ctx.out_path))
         facts = {"deployment_target": cfg.deployment_target, "compute_precision": precision,
                  "input": f"image RGB {size}x{size}", "outputs": ["classLabel", "classLabel_probs"],
-                 "compression": compression}
+                 "compression": compression, "simulation": cfg.simulation}
         facts.update(check_package(ctx.out_path, model, ctx, precision,
                                    weights_exact=ctx.scheme in ("fp32", "fp16")))
         if ctx.check_inputs is not None:
             ref = torch_logits(model, normalized(ctx.check_inputs, m))
             ref = torch.softmax(torch.from_numpy(ref), 1).numpy()
             facts["parity"] = check_parity(
-                "Core ML (simulated)", ref, image_probabilities(ctx.out_path, ctx.check_inputs),
+                "Core ML (simulated)", ref, image_probabilities(ctx.out_path, ctx.check_inputs, cfg.simulation),
                 "simulated: MIL program read back and interpreted in PyTorch at its declared "
                 f"precision ({precision}), vs PyTorch float32 probabilities",
                 cfg.tolerance if precision == "fp32" and ctx.scheme == "fp32" else None)

@@ -124,10 +124,12 @@ class MilRuntime:
     only if it matches the interpreter on the first batch)."""
     method, outputs = "simulated", "probabilities"
 
-    def __init__(self, path: Path, meta: dict, threads: int = 1, compile: bool = False, batch_size: int = 16):
+    def __init__(self, path: Path, meta: dict, threads: int = 1, compile: bool = False, batch_size: int = 16,
+                 simulation: str = "int8"):
         from .mil import MilInterpreter
 
-        self.interp = MilInterpreter(path)
+        # "int8": W8A8 convs as int8 x int8 sums where oneDNN sums exactly; "fp16": dequantize, convolve.
+        self.interp = MilInterpreter(path, integer_convs=None if simulation == "int8" else False)
         self.interp.prepare()   # before the compiled graph is traced
         # Probabilities within 1e-3 of the interpreter's (it measured bit-identical here).
         self.compiled = (FixedBatch(self.interp.forward, batch_size, tolerance=1e-3, emulate_precision_casts=True)
@@ -173,13 +175,15 @@ def coreml_can_run() -> bool:
 
 
 def open_runtime(fmt: str, path: Path, meta: dict, threads: int = 1, compile: bool = False,
-                 batch_size: int = 16, lanes: int = 1) -> Runtime:
-    """``compile``/``batch_size``: the Core ML simulation's (the only PyTorch runtime);
-    ``lanes``: onnxruntime's (batches split over one-thread sessions)."""
+                 batch_size: int = 16, lanes: int = 1, simulation: str = "int8") -> Runtime:
+    """``compile``/``batch_size``/``simulation`` (``export.coreml.simulation``): the Core ML
+    simulation's (the only PyTorch runtime); ``lanes``: onnxruntime's (batches split over
+    one-thread sessions)."""
     if fmt == "onnx":
         return OnnxRuntime(path, meta, threads, lanes)
     if fmt == "tflite":
         return LiteRTRuntime(path, meta, threads)
     if fmt == "coreml":
-        return CoreMLRuntime(path, meta, threads) if coreml_can_run() else MilRuntime(path, meta, threads, compile, batch_size)
+        return (CoreMLRuntime(path, meta, threads) if coreml_can_run()
+                else MilRuntime(path, meta, threads, compile, batch_size, simulation))
     raise ValueError(f"no runtime for format {fmt!r}")

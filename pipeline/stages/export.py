@@ -97,9 +97,10 @@ def model_for(fmt: str, quant: Path, scheme: str, fused) -> tuple[torch.nn.Modul
     return fused, {}
 
 
-def probabilities(fmt: str, ctx: ExportContext, pixels: np.ndarray) -> np.ndarray:
-    """Class probabilities of the artifact at ``ctx.out_path``, in its own runtime."""
-    rt = open_runtime(fmt, ctx.out_path, ctx.meta)
+def probabilities(fmt: str, ctx: ExportContext, pixels: np.ndarray, simulation: str = "int8") -> np.ndarray:
+    """Class probabilities of the artifact at ``ctx.out_path``, in its own runtime
+    (``simulation``: how Core ML is simulated where it cannot run)."""
+    rt = open_runtime(fmt, ctx.out_path, ctx.meta, simulation=simulation)
     scores = np.concatenate([rt.predict(pixels[i:i + 32]) for i in range(0, len(pixels), 32)])
     return scores if rt.outputs == "probabilities" else softmax(scores)
 
@@ -164,7 +165,8 @@ def export_within_budget(exporter, model, ctx: ExportContext, cfg, quant_dir: Pa
     float_pred = float_probs.argmax(1)
 
     def attempt(layers: tuple) -> Attempt:
-        probs = probabilities(exporter.name, ctx, pixels)
+        probs = probabilities(exporter.name, ctx, pixels,
+                              cfg.simulation if isinstance(cfg, CoreMLConfig) else "int8")
         pred = probs.argmax(1)
         return Attempt(layers, *measure_drop(pred, labels, float_pred), float((pred == float_pred).mean()),
                        kl_per_image(float_probs, probs))

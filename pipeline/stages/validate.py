@@ -142,13 +142,15 @@ def run(fmt: str, cfg: ValidateConfig, inputs: dict, out_dir: Path) -> dict:
     # onnxruntime as one-thread lanes, OnnxRuntime); latency below is timed at each of ``threads``.
     compile = wanted(cfg.compile, len(pixels))
     cores = os.cpu_count() or 1
+    simulation = a.get("simulation", "int8")   # export.coreml.simulation, as the export's check used
     rt = open_runtime(fmt, export_dir / a["path"], meta, threads=cores, compile=compile,
-                      batch_size=cfg.batch_size, lanes=cores)
+                      batch_size=cfg.batch_size, lanes=cores, simulation=simulation)
     how = f"{cfg.processes} processes (torchrun)" if cfg.processes > 1 else rt.name
     start = time.perf_counter()
     with Progress(len(pixels), f"{fmt}: scoring images in {how}") as bar:
         s = scoring.score(fmt, export_dir / a["path"], meta, inputs["images"] / "pixels.npy", cfg.batch_size,
-                          cfg.processes, out_dir / ".shards", bar.update, runtime=rt, compile=compile)
+                          cfg.processes, out_dir / ".shards", bar.update, runtime=rt, compile=compile,
+                          simulation=simulation)
     throughput = measured_throughput(len(pixels), time.perf_counter() - start,
                                      how if cfg.processes > 1 else rt.name, cfg.batch_size)
     shutil.rmtree(out_dir / ".shards", ignore_errors=True)
