@@ -141,8 +141,10 @@ class MilInterpreter:
         if wop is None or wop.op_type != "constexpr_affine_dequantize" or dq is None or dq.op_type != "dequantize":
             return None
         w = dict(wop.inputs)
-        data, w_zp, w_scale = (np.asarray(w[k].val) for k in ("quantized_data", "zero_point", "scale"))
-        if data.dtype != np.int8 or np.any(w_zp) or int(w["axis"].val) != 0 or w_scale.size not in (1, data.shape[0]):
+        data, w_scale = np.asarray(w["quantized_data"].val), np.asarray(w["scale"].val)
+        w_zp = np.asarray(w["zero_point"].val) if w.get("zero_point") is not None else 0
+        axis = int(w["axis"].val) if w.get("axis") is not None else 0
+        if data.dtype != np.int8 or np.any(w_zp) or axis != 0 or w_scale.size not in (1, data.shape[0]):
             return None
         d = dict(dq.inputs)
         q = d["input"].op
