@@ -128,3 +128,12 @@ def trained() -> Trained:
         acc = (fused(torch.from_numpy(normalized(check, meta))).argmax(1).numpy() == labels).mean()
     assert acc > 0.6, f"the test model did not learn its task (held-out accuracy {acc:.2f})"
     return Trained(fused, meta, train_x[:128], check, labels, train_y[:128])
+
+
+@pytest.fixture(scope="session")
+def coreml_int8(trained, tmp_path_factory):
+    """The test model's Core ML W8A8 export with the default options, made once (about 15 s):
+    several modules read it, none changes it."""
+    from .formats.test_exporters import export
+
+    return export("coreml", "int8", trained, tmp_path_factory.mktemp("coreml-int8"))

@@ -10,14 +10,12 @@ from pipeline.runtimes import MilRuntime, open_runtime
 from pipeline.runtimes import mil
 from pipeline.runtimes.mil import MilInterpreter, integer_convs_exact
 
-from .formats.test_exporters import export
-
 needs_onednn = pytest.mark.skipif(not integer_convs_exact(), reason="no exact oneDNN int8 convolution here")
 
 
-@pytest.fixture(scope="module")
-def int8_program(trained, tmp_path_factory):
-    return export("coreml", "int8", trained, tmp_path_factory.mktemp("coreml-int8")).path
+@pytest.fixture
+def int8_program(coreml_int8):
+    return coreml_int8.path
 
 
 @needs_onednn

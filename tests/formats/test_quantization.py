@@ -36,8 +36,8 @@ def fp32_sizes(trained, tmp_path_factory):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "tflite", "coreml"])
-def test_int8_fidelity_and_size(fmt, trained, tmp_path, fp32_sizes):
-    r = export(fmt, "int8", trained, tmp_path)
+def test_int8_fidelity_and_size(fmt, trained, tmp_path, fp32_sizes, request):
+    r = request.getfixturevalue("coreml_int8") if fmt == "coreml" else export(fmt, "int8", trained, tmp_path)
     ref = reference_logits(trained)
     got = outputs(fmt, r.path, trained)
     fid = fidelity(softmax(ref) if fmt in ("coreml", "tflite") else ref, got)
