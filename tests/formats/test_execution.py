@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 
 from pipeline.formats import normalized
 from pipeline.formats.onnx import global_average_pools, run_onnx
@@ -26,8 +27,7 @@ def gelus(model) -> int:
 
 
 def test_int8_tflite_runs_in_one_xnnpack_partition(trained, tmp_path):
-    """Float GELU (the default) keeps the whole int8 graph inside XNNPACK; an int8 GELU,
-    which XNNPACK cannot run, splits it, and the facts and the report say so."""
+    """Float GELU (the default) keeps the whole int8 graph inside XNNPACK."""
     r = export("tflite", "int8", trained, tmp_path)
     e = r.facts["execution"]
     assert e["xnnpack_partitions"] == 1 and e["ops_outside_xnnpack"] == {} and e["fast_path"]
@@ -36,6 +36,12 @@ def test_int8_tflite_runs_in_one_xnnpack_partition(trained, tmp_path):
     assert ops["GELU"] == gelus(trained.fused)
     assert (ops["DEQUANTIZE"], ops["QUANTIZE"]) == (ops["GELU"] + 2, ops["GELU"] + 1)
 
+
+@pytest.mark.slow   # two int8 conversions (20 s); the option, not the default
+def test_an_int8_gelu_splits_the_xnnpack_graph_and_the_report_says_so(trained, tmp_path):
+    """An int8 GELU, which XNNPACK cannot run, splits the graph, and the facts and the report
+    say so; the quantized outputs are the same as with the float GELU."""
+    r = export("tflite", "int8", trained, tmp_path)
     (tmp_path / "int8-gelu").mkdir()
     slow = export("tflite", "int8", trained, tmp_path / "int8-gelu", TFLiteConfig(gelu="int8"))
     e = slow.facts["execution"]

@@ -338,6 +338,7 @@ def _logit_range(path):
     return (-128 - zero) * scale, (127 - zero) * scale
 
 
+@pytest.mark.slow   # about 20 s; an option (export.tflite.calibration: minmax), the default percentile is tested below
 def test_tflite_min_max_ranges_cover_every_calibration_image(trained, tmp_path):
     """ai-edge-quantizer's own statistics (a moving average of each image's min/max) clip
     the logits of the less typical calibration images; min_max covers all of them."""
