@@ -65,6 +65,11 @@ class IntegerConv(NamedTuple):
     x_zero_point: int           # in the shifted (uint8) domain
     weight: torch.Tensor        # int8 [cout, cin/groups, kh, kw]
     w_scale: torch.Tensor       # float32 [cout]
+    w_zero_point: torch.Tensor  # int64 zeros [cout]
+    strides: list[int]
+    padding: list[int]          # [top, left]: oneDNN pads symmetrically
+    dilations: list[int]
+    groups: int
 
 
 @functools.cache
@@ -157,22 +162,21 @@ class MilInterpreter:
         shift = 128 if str(dict(q.inputs)["output_dtype"].val) == "int8" else 0
         if self._val(op, "pad_type", self.consts) == "same":   # needs the input's shape
             return None
-        layout = self._conv_layout(op, self.consts, None, None)
-        (left, right, top, bottom) = layout[3]
+        strides, dil, groups, (left, right, top, bottom) = self._conv_layout(op, self.consts, None, None)
         if left != right or top != bottom:   # oneDNN pads symmetrically
             return None
-        self._conv_params[id(op)] = layout
+        cout = data.shape[0]
         return IntegerConv(q.outputs[0].name, shift, float(x_scale), int(x_zp) + shift,
                            torch.from_numpy(data.copy()),
-                           torch.from_numpy(np.broadcast_to(w_scale.astype(np.float32), data.shape[:1]).copy()))
+                           torch.from_numpy(np.broadcast_to(w_scale.astype(np.float32), (cout,)).copy()),
+                           torch.zeros(cout, dtype=torch.int64), strides, [top, left], dil, groups)
 
     def _reads(self, op) -> list[str]:
         """Names of the values ``op`` reads (an integer conv reads its quantize's integers)."""
-        ins = self._inputs[id(op)]
-        if id(op) in self._integer:
-            ins = {k: v for k, v in ins.items() if k != "x"}
-        names = [v.name for var in ins.values() for v in (var if isinstance(var, (list, tuple)) else (var,))]
-        return names + [self._integer[id(op)].source] if id(op) in self._integer else names
+        plan = self._integer.get(id(op))
+        ins = [var for k, var in self._inputs[id(op)].items() if not (plan and k == "x")]
+        names = [v.name for var in ins for v in (var if isinstance(var, (list, tuple)) else (var,))]
+        return names + [plan.source] if plan else names
 
     @property
     def integer_convs(self) -> int:
@@ -183,12 +187,9 @@ class MilInterpreter:
         """Pack the integer convs' weights for oneDNN (once; before tracing the program)."""
         for key, plan in self._integer.items():
             if key not in self._packed:
-                strides, dil, groups, (left, _, top, _) = self._conv_params[key]
                 self._packed[key] = torch.ops.onednn.qconv_prepack(
-                    plan.weight, plan.w_scale, plan.x_scale, plan.x_zero_point, strides, [top, left],
-                    dil, groups, None)
-        self._w_zero_point = {key: torch.zeros(len(plan.w_scale), dtype=torch.int64)
-                              for key, plan in self._integer.items()}
+                    plan.weight, plan.w_scale, plan.x_scale, plan.x_zero_point, plan.strides, plan.padding,
+                    plan.dilations, plan.groups, None)
 
     def op_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -321,14 +322,12 @@ class MilInterpreter:
     def _integer_conv(self, op, plan: IntegerConv, env):
         if id(op) not in self._packed:
             self.prepare()
-        strides, dil, groups, (left, _, top, _) = self._conv_params[id(op)]
         q = env[plan.source]
         qx = (q + plan.shift if plan.shift else q).to(torch.uint8).contiguous(memory_format=torch.channels_last)
         bias = self._arg(op, "bias", env) if "bias" in self._inputs[id(op)] else None
         return torch.ops.onednn.qconv_pointwise(
-            qx, plan.x_scale, plan.x_zero_point, self._packed[id(op)], plan.w_scale,
-            self._w_zero_point[id(op)], bias, strides, [top, left], dil, groups, 1.0, 0, torch.float32,
-            "none", [], "")
+            qx, plan.x_scale, plan.x_zero_point, self._packed[id(op)], plan.w_scale, plan.w_zero_point, bias,
+            plan.strides, plan.padding, plan.dilations, plan.groups, 1.0, 0, torch.float32, "none", [], "")
 
     def _conv_layout(self, op, env, x, w) -> tuple:
         """(strides, dilations, groups, (left, right, top, bottom) padding): constant per op."""
