@@ -1,5 +1,6 @@
-# QAT at training scale on a GPU machine: 2 backends x 2 (batch, lr), in parallel on one
-# GPU (each run is launch-bound), steps sized by a 40-step probe to fit BUDGET seconds; the
+# QAT at training scale on a GPU machine: 2 backends x the (batch, lr) pairs in GRID, in
+# parallel on one GPU (each run is launch-bound), steps sized by a 40-step probe to fit
+# BUDGET seconds, held-out agreement / KL logged 10 times along the way; the
 # best run per backend (lowest held-out KL) is written to $OUT in two parts per model (the
 # device tool returns files of at most 16 MB). Here, reassemble them (cat the parts into
 # model.onnx.pt = model.tflite.pt and model.coreml.pt, merge the two facts.json "trained"
@@ -20,8 +21,9 @@ fi
 export PYTHONUNBUFFERED=1
 $PY -c "import torch, torchao, coremltools; print('torch', torch.__version__, 'torchao', torchao.__version__, 'coremltools', coremltools.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 $PY -c "from bench.shared import unpacked; unpacked('cifar10-jpg.tar.gz', 'cifar10')" || exit 1
-IMAGES=${IMAGES:-49500}; BUDGET=${BUDGET:-240}; PROBE=${PROBE:-40}
-probe="--set qat.train_images=2048 --set qat.batch_size=1024 --set qat.steps=$PROBE --set qat.warmup_steps=10 --set qat.freeze_observers_step=$PROBE --set qat.checkpoint_every=100000"
+IMAGES=${IMAGES:-49500}; BUDGET=${BUDGET:-240}; PROBE=${PROBE:-40}; GRID=${GRID:-256:3e-5 1024:1e-4}
+NGRID=$(echo $GRID | wc -w); PROBE_BATCH=$(for g in $GRID; do echo ${g%:*}; done | sort -n | tail -1)
+probe="--set qat.train_images=2048 --set qat.batch_size=$PROBE_BATCH --set qat.steps=$PROBE --set qat.warmup_steps=10 --set qat.freeze_observers_step=$PROBE --set qat.checkpoint_every=100000"
 rm -rf .gpu_runs .gpu_runs_*.log; t0=$(date +%s)
 $PY bench/bench_qat.py --train-only .gpu_runs/probe_t $probe --set 'qat.formats=[onnx,tflite]' > .gpu_runs_probe_t.log 2>&1 &
 $PY bench/bench_qat.py --train-only .gpu_runs/probe_c $probe --set 'qat.formats=[coreml]' > .gpu_runs_probe_c.log 2>&1 &
@@ -34,16 +36,16 @@ for r in ("probe_t", "probe_c"):
     for t in json.load(open(f".gpu_runs/{r}/facts.json"))["trained"].values():
         rates.append($PROBE / t["seconds_this_run"])
         print("probe", r, t["device"], f"{rates[-1]:.1f} steps/s", file=__import__("sys").stderr)
-# four runs share the GPU: assume each gets half of what one of two got
-print(max(${MINSTEPS:-100}, min(6000, int($BUDGET * min(rates) / 2 / 50) * 50)))
+# 2 x NGRID runs share the GPU where the probe had two: each gets 1/NGRID of a probe's rate
+print(max(${MINSTEPS:-100}, min(6000, int($BUDGET * min(rates) / $NGRID / 50) * 50)))
 PYEOF
 ) || exit 1
 echo "probe took $(( $(date +%s) - t0 )) s; steps per run: $STEPS"
 FREEZE=$(( STEPS * 4 / 5 ))
-common="--set qat.train_images=$IMAGES --set qat.steps=$STEPS --set qat.warmup_steps=$(( STEPS / 20 )) --set qat.freeze_observers_step=$FREEZE --set qat.checkpoint_every=100000"
+common="--set qat.train_images=$IMAGES --set qat.steps=$STEPS --set qat.holdout_every=$(( STEPS / 10 )) --set qat.warmup_steps=$(( STEPS / 20 )) --set qat.freeze_observers_step=$FREEZE --set qat.checkpoint_every=100000"
 t0=$(date +%s); 
 pids=
-for bl in 256:3e-5 1024:1e-4; do
+for bl in $GRID; do
   b=${bl%:*}; lr=${bl#*:}
   $PY bench/bench_qat.py --train-only .gpu_runs/t_${b}_$lr $common --set qat.batch_size=$b --set qat.lr=$lr --set 'qat.formats=[onnx,tflite]' > .gpu_runs_t_${b}_$lr.log 2>&1 & pids="$pids $!"
   $PY bench/bench_qat.py --train-only .gpu_runs/c_${b}_$lr $common --set qat.batch_size=$b --set qat.lr=$lr --set 'qat.formats=[coreml]' > .gpu_runs_c_${b}_$lr.log 2>&1 & pids="$pids $!"

@@ -50,6 +50,7 @@ class Schedule:
     device: str            # auto | cpu | cuda
     ranges: str = "moving_average"   # | percentile (frozen; set from calibration_pixels)
     range_percentile: float = 99.0
+    holdout_every: int = 0           # > 0: held-out agreement / KL in the history too
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to zero."""
@@ -250,6 +251,14 @@ def train(folder: Path, on_step: Optional[Callable[[int], None]] = None) -> dict
             if rank == 0 and not sys.stderr.isatty():   # logs get a line where a terminal gets a bar
                 print(f"    QAT {job.backend} step {step + 1}/{sch.steps}: loss {history[-1]['loss']:.4f}, "
                       f"batch agreement {history[-1]['batch_agreement']:.3f}", file=sys.stderr)
+        if sch.holdout_every and (step + 1) % sch.holdout_every == 0 and step + 1 < sch.steps:
+            agree, kl = agreement(student, teacher, backend, holdout, job, device)
+            if not history or history[-1]["step"] != step + 1:
+                history.append({"step": step + 1})
+            history[-1].update(holdout_agreement=round(agree, 4), holdout_kl=round(kl, 6))
+            if rank == 0 and not sys.stderr.isatty():
+                print(f"    QAT {job.backend} step {step + 1}: held-out agreement {agree:.4f}, "
+                      f"KL {kl:.6f}", file=sys.stderr)
         if (step + 1) % sch.checkpoint_every == 0 and step + 1 < sch.steps and rank == 0:
             _save_atomic({"student": student.state_dict(), "optimizer": opt.state_dict(),
                           "step": step + 1, "history": history, "window": window,

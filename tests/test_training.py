@@ -211,7 +211,8 @@ def test_resumed_run_equals_uninterrupted_run(backend, trained, tmp_path):
     whole = make_job(tmp_path / "whole", trained, backend, **steps)
     train(whole)
 
-    cut = make_job(tmp_path / "cut", trained, backend, **steps)
+    # The interrupted run also logs the held-out curve: that must not change its training.
+    cut = make_job(tmp_path / "cut", trained, backend, holdout_every=5, **steps)
 
     def interrupt(step):
         if step == 15:
@@ -226,7 +227,11 @@ def test_resumed_run_equals_uninterrupted_run(backend, trained, tmp_path):
     b = torch.load(cut / RESULT, weights_only=True)
     for k, v in a["weights"].items():
         assert torch.equal(v, b["weights"][k]), k
-    assert a["facts"]["history"] == b["facts"]["history"]
+    assert a["facts"]["history"] == [h for h in b["facts"]["history"] if "loss" in h]
+    points = [h for h in b["facts"]["history"] if "holdout_kl" in h]
+    assert [h["step"] for h in points] == [5, 10, 15]   # 5, 10 from before the cut; 20 is "after"
+    assert all(0 <= h["holdout_agreement"] <= 1 and h["holdout_kl"] > 0 for h in points)
+    assert a["facts"]["holdout_kl_after"] == b["facts"]["holdout_kl_after"]
     assert not (cut / CHECKPOINT).exists(), "the checkpoint goes once the result is written"
 
 

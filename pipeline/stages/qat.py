@@ -55,6 +55,9 @@ class QatConfig:
     ce_weight: float = 0.0
     calibration_batches: int = 4    # observer warm-up before the first step (the PTQ start)
     checkpoint_every: int = 50
+    # > 0: held-out agreement / KL every this many steps too (the curve, in the facts'
+    # history); 0: before and after only
+    holdout_every: int = 0
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nproc_per_node: int = 1         # > 1: torchrun, one process per GPU (or CPU, gloo)
@@ -79,6 +82,8 @@ class QatConfig:
         if self.batch_size % self.nproc_per_node:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by nproc_per_node "
                              f"{self.nproc_per_node}")
+        if self.holdout_every < 0:
+            raise ValueError(f"holdout_every {self.holdout_every} must be 0 (off) or a step count")
         if not 0 <= self.freeze_observers_step <= self.steps:
             raise ValueError(f"freeze_observers_step must be within 0..steps ({self.steps})")
         check_alpha(self.equalize_alpha)
@@ -90,7 +95,8 @@ class QatConfig:
                         weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
                         freeze_observers_step=self.freeze_observers_step, temperature=self.temperature,
                         ce_weight=self.ce_weight, calibration_batches=self.calibration_batches,
-                        checkpoint_every=self.checkpoint_every, seed=self.seed, device=self.device,
+                        checkpoint_every=self.checkpoint_every,
+                        holdout_every=self.holdout_every, seed=self.seed, device=self.device,
                         ranges=self.ranges, range_percentile=self.range_percentile)
 
 
