@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.shared import reference_run, require_shared  # noqa: E402
+from bench.shared import disagreements_by_margin, reference_run, require_shared  # noqa: E402
 from pipeline.deploy import deploy, log_stderr  # noqa: E402
 
 ROWS = [("no equalization", ["quantize.equalize=false"]),
@@ -42,6 +42,8 @@ def main():
     for fmt, label, drop, fid, method in sorted(results, key=lambda r: r[0]):
         print(f"{fmt:7} {label:32} {drop['points']:6.2f} ± {drop['standard_error']:.2f} "
               f"{100 * fid['top1_agreement']:12.2f} {fid.get('mean_kl', float('nan')):9.5f} [{method}]")
+        if fid.get("agreement_by_float_margin"):
+            print(f"        disagreements by float's top-1 - top-2 margin: {disagreements_by_margin(fid)}")
 
 
 if __name__ == "__main__":

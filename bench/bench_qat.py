@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.shared import REFERENCE, ROOT, require_shared, unpacked  # noqa: E402
+from bench.shared import REFERENCE, ROOT, disagreements_by_margin, require_shared, unpacked  # noqa: E402
 from pipeline.deploy import RunOptions, deploy, log_stderr, resolve_recipe  # noqa: E402
 from pipeline.hashing import sha256_file  # noqa: E402
 
@@ -117,6 +117,10 @@ def main():
         print(f"{a['format']:7} {100 * p['accuracy']['top1']:9.2f} {pd:9.2f} {pa:9.2f} {100 * a['accuracy']['top1']:9.2f} "
               f"{qd:9.2f} {qa:9.2f} {p['fidelity'].get('mean_kl', float('nan')):8.5f} {a['fidelity'].get('mean_kl', float('nan')):8.5f}  "
               f"{goal_met(pd, qd)} | {'yes' if qa >= 99 else 'NO'} [{a['method']}]")
+    print("Disagreements with float by float's top-1 - top-2 probability margin:")
+    for a in qat["artifacts"]:
+        print(f"  {a['format']:7} PTQ {disagreements_by_margin(rows[a['format']]['fidelity'])}\n"
+              f"  {'':7} QAT {disagreements_by_margin(a['fidelity'])}")
 
 if __name__ == "__main__":
     main()

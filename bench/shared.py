@@ -38,3 +38,9 @@ def reference_run(quant: str, sets: list[str], artifacts: str, eval_images: int 
     sets = list(sets) + ([f"data.eval_images={eval_images}"] if eval_images else [])
     return RunOptions(quant=quant, checkpoint=str(REFERENCE), data=str(cifar / "test"), calib=str(cifar / "train"),
                       artifacts=ROOT / "artifacts" / artifacts, sets=tuple(sets))
+
+
+def disagreements_by_margin(fid: dict) -> str:
+    """The fidelity's disagreements per bin of float's top-1 - top-2 margin, on one line."""
+    return ", ".join(f"{lo:g}-{'' if hi is None else f'{hi:g}'}: {b['disagreements']} of {b['images']}"
+                     for b in fid.get("agreement_by_float_margin", []) for lo, hi in [b["float_margin"]])

@@ -193,6 +193,24 @@ def execution_line(e: dict) -> tuple[str, bool]:
     return "-", True
 
 
+def margin_table(artifacts: list[dict]) -> list[str]:
+    """Where each artifact's top-1 disagrees with float, by float's top-1 / top-2 margin."""
+    rows = [(a["format"], a["fidelity"]["agreement_by_float_margin"]) for a in artifacts
+            if (a.get("fidelity") or {}).get("agreement_by_float_margin")]
+    if not rows:
+        return []
+    edges = [b["float_margin"] for b in rows[0][1]]
+    heads = [f"< {hi:g}" if lo == 0 else f">= {lo:g}" if hi is None else f"{lo:g}-{hi:g}" for lo, hi in edges]
+    lines = ["Where top-1 disagrees with float, by how sure float was (its top-1 minus top-2 "
+             "probability; near-ties flip first): agreement % (images that disagree).", "",
+             "| format | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads),
+             "| images | " + " | ".join(str(b["images"]) for b in rows[0][1]) + " |"]
+    for fmt, bins in rows:
+        lines.append(f"| {fmt} | " + " | ".join(
+            "-" if b["agreement"] is None else f"{_pct(b['agreement'])} ({b['disagreements']})" for b in bins) + " |")
+    return lines + [""]
+
+
 def markdown(r: dict) -> str:
     title = f"# RepViT-{r['variant'].upper()} · {r['quant']}\n"
     lines = [title]
@@ -256,6 +274,7 @@ def markdown(r: dict) -> str:
     lines.append("Fidelity is against the fused float PyTorch model on the same images (logits; "
                  "probabilities for Core ML and TFLite, whose models end in a softmax). Host latency: batch 1, "
                  "median; the CPU is named in report.json.\n")
+    lines += margin_table(r["artifacts"])
     def compiled(e):
         return " (inductor-compiled)" if (e.get("compiled") or {}).get("compiled") else ""
     speeds = [f"{a['format']} {a['throughput']['images_per_s']:.0f}{compiled(a)}" for a in r["artifacts"]

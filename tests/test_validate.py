@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.report import budget_of
-from pipeline.stages.validate import paired_drop
+from pipeline.report import budget_of, margin_table
+from pipeline.stages.validate import agreement_by_float_margin, fidelity, paired_drop
 
 
 def one_hot(pred, classes=3):
@@ -25,6 +25,25 @@ def test_paired_drop_counts_only_images_where_one_model_is_right():
 class Record:
     def __init__(self, facts):
         self.facts = facts
+
+
+def test_agreement_by_float_margin_puts_each_flip_in_its_bin():
+    # float's top-1 / top-2 margins: 0.02, 0.02, 0.08, 0.3, 0.9 (classes 0 and 1 lead)
+    tops = [(0.51, 0.49), (0.49, 0.51), (0.54, 0.46), (0.65, 0.35), (0.95, 0.05)]
+    float_probs = np.array([[a, b, 0.0] for a, b in tops])
+    probs = float_probs.copy()
+    probs[[0, 2]] = probs[[0, 2]][:, [1, 0, 2]]   # flips the first image (margin 0.02) and the 0.08 one
+    probs[4] = [0.6, 0.3, 0.1]                   # moves, does not flip
+    bins = agreement_by_float_margin(float_probs, probs)
+    assert [b["float_margin"] for b in bins] == [[0.0, 0.05], [0.05, 0.1], [0.1, 0.2], [0.2, 0.5], [0.5, None]]
+    assert [b["images"] for b in bins] == [2, 1, 0, 1, 1]
+    assert [b["disagreements"] for b in bins] == [1, 1, 0, 0, 0]
+    assert [b["agreement"] for b in bins] == [0.5, 0.0, None, 1.0, 1.0]
+    fid = fidelity(np.log(float_probs + 1e-9), np.log(probs + 1e-9), float_probs, probs)
+    assert fid["top1_agreement"] == 0.6 and fid["agreement_by_float_margin"] == bins
+    table = margin_table([{"format": "onnx", "fidelity": fid}])
+    assert "| images | 2 | 1 | 0 | 1 | 1 |" in table
+    assert "| onnx | 50.00 (1) | 0.00 (1) | - | 100.00 (0) | 100.00 (0) |" in table
 
 
 def test_budget_states_unit_and_standard_error():
