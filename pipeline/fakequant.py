@@ -41,12 +41,32 @@ class FakeQuantBackend(Protocol):
 
 
 def freeze_observers(student: nn.Module) -> None:
-    """Stop updating activation and weight ranges (both backends' fake-quant modules,
-    torch.ao's and torchao's, have ``disable_observer``): the last steps then fine-tune
-    against fixed ranges, as the deployed model will have."""
-    for m in student.modules():
-        if hasattr(m, "disable_observer") and hasattr(m, "observer_enabled"):
-            m.disable_observer()
+    """Stop updating the activation ranges (both backends' fake-quant modules, torch.ao's
+    and torchao's, have ``disable_observer``): the last steps then fine-tune against fixed
+    ranges, as the deployed model will have. The weights' grids are never frozen: each
+    export computes them from the final weights (``track_current_weights``)."""
+    for m in activation_fake_quants(student):
+        m.disable_observer()
+
+
+def weight_fake_quants(student: nn.Module) -> list[nn.Module]:
+    """The student's per-channel (weight) fake-quantizers, both backends'."""
+    return [m for m in student.modules() if hasattr(m, "observer_enabled") and getattr(
+        getattr(m, "activation_post_process", None), "qscheme", None)
+            in (torch.per_channel_symmetric, torch.per_channel_affine)]
+
+
+def track_current_weights(student: nn.Module) -> int:
+    """Make each weight grid the current weights' own: every export quantizes the final
+    weights per channel with scale max|w| / 127 (coremltools: / 127.5) of *those* weights,
+    while both backends' default weight observer is a moving average (constant 0.01) of
+    past extremes, which lags the weights as they train, so the student would learn integers
+    that no export deploys. With constant 1 the observer holds the last forward pass's
+    weights' extremes. Returns the number of weight fake-quantizers."""
+    fqs = weight_fake_quants(student)
+    for m in fqs:
+        m.activation_post_process.averaging_constant = 1.0
+    return len(fqs)
 
 
 def activation_fake_quants(student: nn.Module) -> list[nn.Module]:
@@ -112,7 +132,7 @@ def float_state(student: nn.Module, fused: nn.Module) -> dict[str, torch.Tensor]
 # ------------------------------------------------------------------------------- torchao PT2E
 
 def _w8a8_specs():
-    from torchao.quantization.pt2e.fake_quantize import FusedMovingAvgObsFakeQuantize
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantize, FusedMovingAvgObsFakeQuantize
     from torchao.quantization.pt2e.observer import (MovingAverageMinMaxObserver,
                                                     MovingAveragePerChannelMinMaxObserver)
     from torchao.quantization.pt2e.quantizer import QuantizationSpec
@@ -121,10 +141,15 @@ def _w8a8_specs():
         dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_tensor_affine,
         observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(
             observer=MovingAverageMinMaxObserver, eps=2 ** -12))
+    # The weights' grid is the one every converter deploys: scale max|w| / 127 of the current
+    # weights (averaging constant 1), with no floor. XNNPACKQuantizer's eps of 2^-12, and the
+    # fused observer kernel's own floor at 6.1e-5, made a fifth of the reference's output
+    # channels (max|w| < 0.031) train on grids up to thousands of times coarser than deployed.
     weight = QuantizationSpec(
         dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric, ch_axis=0,
-        observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(
-            observer=MovingAveragePerChannelMinMaxObserver, eps=2 ** -12))
+        observer_or_fake_quant_ctr=FakeQuantize.with_args(
+            observer=MovingAveragePerChannelMinMaxObserver, averaging_constant=1.0,
+            eps=torch.finfo(torch.float32).eps))
     return act, weight
 
 
@@ -171,7 +196,9 @@ class TorchaoPT2E:
         with quiet():
             gm = torch.export.export(copy.deepcopy(model).train(), (example,),
                                      dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
-            return prepare_qat_pt2e(gm, w8a8_quantizer())
+            student = prepare_qat_pt2e(gm, w8a8_quantizer())
+        track_current_weights(student)
+        return student
 
     def set_mode(self, student: nn.Module, train: bool) -> None:
         from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
@@ -238,6 +265,7 @@ class CoreMLLinearQuantizer:
             if hasattr(m, "fake_quant_enabled") and hasattr(m, "observer_enabled"):
                 m.enable_fake_quant()
                 m.enable_observer()
+        track_current_weights(student)
         return student.train()
 
     def set_mode(self, student: nn.Module, train: bool) -> None:

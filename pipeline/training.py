@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .allocator import keep_freed_memory
 from .checkpoints import load_model
-from .fakequant import float_state, freeze_observers, get_backend, set_percentile_ranges
+from .fakequant import activation_fake_quants, float_state, freeze_observers, get_backend, set_percentile_ranges
 from .progress import Progress
 
 CHECKPOINT, RESULT, JOB = "checkpoint.pt", "result.pt", "job.json"
@@ -115,11 +115,12 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
 
 
 class observers_paused:
-    """Measure without moving the ranges: fake-quant modules update their observers in
-    every forward pass, whatever the module's train/eval mode."""
+    """Measure without moving the activation ranges: fake-quant modules update their
+    observers in every forward pass, whatever the module's train/eval mode. (The weights'
+    observers keep running: they measure the current weights, as every export does.)"""
 
     def __init__(self, student):
-        self.modules = [m for m in student.modules() if hasattr(m, "observer_enabled")]
+        self.modules = activation_fake_quants(student)
 
     def __enter__(self):
         self.saved = [m.observer_enabled.clone() for m in self.modules]

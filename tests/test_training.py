@@ -84,6 +84,43 @@ def test_fake_quantization_is_on_from_the_first_step(backend, trained):
 
 
 @pytest.mark.parametrize("backend", ["torchao", "coremltools"])
+def test_weight_grids_are_the_current_weights_own_even_after_freezing(backend, trained):
+    """Every export quantizes the final weights per channel with scale max|w| / 127
+    (coremltools: / 127.5) of those weights, so the student must train on exactly that grid:
+    after the weights move (and the observers are frozen, which freezes activation ranges
+    only), each weight scale is the current weights' own. (Before: a moving average that
+    lagged the weights, and a floor of 2^-12 that torchao's channels of small weights hit.)"""
+    from pipeline.fakequant import activation_fake_quants, freeze_observers, get_backend, weight_fake_quants
+
+    b = get_backend(backend)
+    x = torch.from_numpy(normalized(trained.calibration[:4], trained.meta))
+    student = b.prepare(trained.fused, x[:2])
+    fqs = weight_fake_quants(student)
+    n_layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in trained.fused.modules())
+    assert len(fqs) == n_layers
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.__setitem__(m, a[0].detach().clone())) for m in fqs]
+    with torch.no_grad():
+        student(x)
+        freeze_observers(student)
+        assert not any(m.observer_enabled for m in activation_fake_quants(student))
+        for p in student.parameters():
+            if p.dim() > 1:
+                p.mul_(1.25)   # as training moves them
+        student(x)
+    for h in hooks:
+        h.remove()
+    checked = total = 0
+    for m in fqs:
+        obs = m.activation_post_process
+        want = seen[m].abs().flatten(1).amax(1) / ((obs.quant_max - obs.quant_min) / 2)
+        normal = want > 2 ** -20   # below, both backends floor the scale at float32's eps
+        torch.testing.assert_close(m.scale.flatten()[normal], want[normal], rtol=1e-6, atol=0)
+        checked, total = checked + int(normal.sum()), total + len(want)
+    assert checked > 0.9 * total
+
+
+@pytest.mark.parametrize("backend", ["torchao", "coremltools"])
 def test_percentile_ranges_are_the_images_extremes_and_stay_frozen(backend, trained):
     """qat.ranges: percentile sets each activation range from per-image extremes on the
     float flow (the network input's range is checked against numpy), fake quantization

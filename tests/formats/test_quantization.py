@@ -390,3 +390,80 @@ def test_coreml_activation_percentile_replaces_the_observers_ranges(trained, tmp
     assert "percentile 100 of each image's min / max" in r.facts["compression"]
     assert len(observer) == len(whole) > 10
     np.testing.assert_allclose(whole, observer, rtol=2e-3)   # fp16 scales in the program
+
+
+# ------------------------------------------------- QAT's weight grid is the one deployed
+
+def _on_grid(model, quant_min: int, quant_max: int) -> tuple[torch.nn.Module, dict]:
+    """``model`` with every conv / linear weight on the per-channel symmetric grid of a QAT
+    backend (scale max|w| / ((quant_max - quant_min) / 2), as torch's per-channel symmetric
+    observers compute it), and each layer's sorted integers and scales."""
+    import copy
+
+    model = copy.deepcopy(model)
+    grid = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            w = m.weight.data.double()
+            scale = w.abs().flatten(1).amax(1) / ((quant_max - quant_min) / 2)
+            shape = (-1,) + (1,) * (w.dim() - 1)
+            k = torch.clamp(torch.round(w / scale.view(shape)), quant_min, quant_max)
+            m.weight.data = (k * scale.view(shape)).float()
+            grid[name] = (np.sort(k.numpy().astype(int).ravel()), np.sort(scale.numpy()))
+    return model, grid
+
+
+def _onnx_weights(path):
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and inits.get(n.input[0], np.zeros(0, np.uint8)).dtype == np.int8:
+            q, scale = inits[n.input[0]].astype(int), inits[n.input[1]]
+            assert not inits[n.input[2]].any(), "symmetric: zero points are 0"
+            if q.ndim > 1:   # weights (biases are int32)
+                yield n.input[0], np.sort(q.ravel()), np.sort(scale.astype(np.float64))
+
+
+def _tflite_weights(path):
+    from pipeline.formats.tflite import interpreter
+
+    it = interpreter(path)
+    for d in it.get_tensor_details():
+        qp = d["quantization_parameters"]
+        if d["dtype"] == np.int8 and len(qp["scales"]) > 1:   # per-channel: the weights
+            assert not qp["zero_points"].any(), "symmetric: zero points are 0"
+            yield d["name"], np.sort(it.get_tensor(d["index"]).astype(int).ravel()), np.sort(qp["scales"])
+
+
+# TFLite's conversion takes about 10 s: in the slow run.
+@pytest.mark.parametrize("fmt", ["onnx", pytest.param("tflite", marks=pytest.mark.slow)])
+def test_weights_on_the_torchao_qat_grid_are_deployed_exactly(fmt, trained, tmp_path):
+    """Rounding decided in PyTorch survives each converter: weights on the grid torchao's
+    QAT trains (per-channel symmetric, [-127, 127], scale max|w| / 127) come out of the ONNX
+    and TFLite exports as the same integers and scales, read back from the files. (TFLite's
+    stem differs by design: 1/std of the input normalization is folded into it.)"""
+    from dataclasses import replace
+
+    from pipeline.fakequant import _w8a8_specs
+
+    spec = _w8a8_specs()[1]
+    assert (spec.quant_min, spec.quant_max, spec.qscheme) == (-127, 127, torch.per_channel_symmetric)
+    model, grid = _on_grid(trained.fused, spec.quant_min, spec.quant_max)
+    read = {"onnx": _onnx_weights, "tflite": _tflite_weights}[fmt]
+    deployed = list(read(export(fmt, "int8", replace(trained, fused=model), tmp_path).path))
+    assert len(deployed) == len(grid)
+    left, unmatched = dict(grid), []
+    for name, ints, scales in deployed:
+        hit = next((k for k, (i, s) in left.items() if np.array_equal(i, ints)
+                    and np.allclose(s, scales, rtol=1e-6, atol=0)), None)
+        if hit is None:
+            unmatched.append(name)
+        else:
+            del left[hit]
+    if fmt == "onnx":
+        assert not unmatched, unmatched
+    else:
+        assert len(unmatched) == 1 and list(left) == ["features.0.0"], (unmatched, list(left))
