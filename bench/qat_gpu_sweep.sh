@@ -21,7 +21,7 @@ fi
 export PYTHONUNBUFFERED=1
 $PY -c "import torch, torchao, coremltools; print('torch', torch.__version__, 'torchao', torchao.__version__, 'coremltools', coremltools.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 $PY -c "from bench.shared import unpacked; unpacked('cifar10-jpg.tar.gz', 'cifar10')" || exit 1
-IMAGES=${IMAGES:-49500}; BUDGET=${BUDGET:-240}; PROBE=${PROBE:-40}; GRID=${GRID:-256:3e-5 1024:1e-4}
+IMAGES=${IMAGES:-49500}; BUDGET=${BUDGET:-240}; PROBE=${PROBE:-40}; GRID=${GRID:-1024:1e-4 2048:1.4e-4}
 NGRID=$(echo $GRID | wc -w); PROBE_BATCH=$(for g in $GRID; do echo ${g%:*}; done | sort -n | tail -1)
 probe="--set qat.train_images=2048 --set qat.batch_size=$PROBE_BATCH --set qat.steps=$PROBE --set qat.warmup_steps=10 --set qat.freeze_observers_step=$PROBE --set qat.checkpoint_every=100000"
 rm -rf .gpu_runs .gpu_runs_*.log; t0=$(date +%s)
