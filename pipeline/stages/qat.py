@@ -47,7 +47,7 @@ class QatConfig:
     lr: float = 5.0e-5
     weight_decay: float = 0.0
     warmup_steps: int = 20
-    freeze_observers_step: int = 200   # ranges fixed for the last steps, as deployed
+    freeze_observers_step: int = 200   # activation ranges fixed for the last steps, as deployed
     temperature: float = 1.0        # distillation from the float model's logits
     # Cross-entropy on CALIB's labels. 0 (distillation only): QAT's job is the float model's
     # behaviour under quantization; 0.5 pulled held-out agreement from 97.66% to 91.02% on the
