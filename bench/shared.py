@@ -42,5 +42,7 @@ def reference_run(quant: str, sets: list[str], artifacts: str, eval_images: int 
 
 def disagreements_by_margin(fid: dict) -> str:
     """The fidelity's disagreements per bin of float's top-1 - top-2 margin, on one line."""
-    return ", ".join(f"{lo:g}-{'' if hi is None else f'{hi:g}'}: {b['disagreements']} of {b['images']}"
-                     for b in fid.get("agreement_by_float_margin", []) for lo, hi in [b["float_margin"]])
+    from pipeline.report import margin_label
+
+    return ", ".join(f"{margin_label(b['float_margin'])}: {b['disagreements']} of {b['images']}"
+                     for b in fid.get("agreement_by_float_margin", []))

@@ -56,17 +56,15 @@ def weight_fake_quants(student: nn.Module) -> list[nn.Module]:
             in (torch.per_channel_symmetric, torch.per_channel_affine)]
 
 
-def track_current_weights(student: nn.Module) -> int:
+def track_current_weights(student: nn.Module) -> None:
     """Make each weight grid the current weights' own: every export quantizes the final
     weights per channel with scale max|w| / 127 (coremltools: / 127.5) of *those* weights,
     while both backends' default weight observer is a moving average (constant 0.01) of
     past extremes, which lags the weights as they train, so the student would learn integers
     that no export deploys. With constant 1 the observer holds the last forward pass's
-    weights' extremes. Returns the number of weight fake-quantizers."""
-    fqs = weight_fake_quants(student)
-    for m in fqs:
+    weights' extremes. (Both backends' prepare calls this: the one place it is set.)"""
+    for m in weight_fake_quants(student):
         m.activation_post_process.averaging_constant = 1.0
-    return len(fqs)
 
 
 def activation_fake_quants(student: nn.Module) -> list[nn.Module]:
@@ -142,14 +140,13 @@ def _w8a8_specs():
         observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(
             observer=MovingAverageMinMaxObserver, eps=2 ** -12))
     # The weights' grid is the one every converter deploys: scale max|w| / 127 of the current
-    # weights (averaging constant 1), with no floor. XNNPACKQuantizer's eps of 2^-12, and the
-    # fused observer kernel's own floor at 6.1e-5, made a fifth of the reference's output
+    # weights (``track_current_weights``), with no floor. XNNPACKQuantizer's eps of 2^-12, and
+    # the fused observer kernel's own floor at 6.1e-5, made a fifth of the reference's output
     # channels (max|w| < 0.031) train on grids up to thousands of times coarser than deployed.
     weight = QuantizationSpec(
         dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric, ch_axis=0,
         observer_or_fake_quant_ctr=FakeQuantize.with_args(
-            observer=MovingAveragePerChannelMinMaxObserver, averaging_constant=1.0,
-            eps=torch.finfo(torch.float32).eps))
+            observer=MovingAveragePerChannelMinMaxObserver, eps=torch.finfo(torch.float32).eps))
     return act, weight
 
 

@@ -193,14 +193,19 @@ def execution_line(e: dict) -> tuple[str, bool]:
     return "-", True
 
 
+def margin_label(float_margin: list) -> str:
+    """A bin of float's top-1 / top-2 margin, ``[lo, hi]`` (hi None: open), as a reader reads it."""
+    lo, hi = float_margin
+    return f"< {hi:g}" if lo == 0 else f">= {lo:g}" if hi is None else f"{lo:g}-{hi:g}"
+
+
 def margin_table(artifacts: list[dict]) -> list[str]:
     """Where each artifact's top-1 disagrees with float, by float's top-1 / top-2 margin."""
     rows = [(a["format"], a["fidelity"]["agreement_by_float_margin"]) for a in artifacts
             if (a.get("fidelity") or {}).get("agreement_by_float_margin")]
     if not rows:
         return []
-    edges = [b["float_margin"] for b in rows[0][1]]
-    heads = [f"< {hi:g}" if lo == 0 else f">= {lo:g}" if hi is None else f"{lo:g}-{hi:g}" for lo, hi in edges]
+    heads = [margin_label(b["float_margin"]) for b in rows[0][1]]
     lines = ["Where top-1 disagrees with float, by how sure float was (its top-1 minus top-2 "
              "probability; near-ties flip first): agreement % (images that disagree).", "",
              "| format | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads),
