@@ -1,5 +1,5 @@
 """Which activation ranges keep int8 closest to float? Each format's calibration options
-(after the residual-stream equalization, which is on by default) on the trained reference (../shared/data/reference: RepViT-M0.9, CIFAR-10, 64x64), through
+(after the residual-stream equalization, which is on by default) on the trained reference (../shared/data/reference: RepViT-M0.9, CIFAR-10, 64x64; ``--checkpoint`` for another, e.g. bench/make_second_reference.py's), through
 the pipeline: 256 training images calibrate, test images are scored, the accuracy-aware
 pass is off (``quantize.max_drop=null``) so the rows compare the ranges alone. Prints the
 top-1 drop against float with its standard error (paired) and the top-1 agreement with
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.shared import reference_run, require_shared  # noqa: E402
+from bench.shared import add_checkpoint_option, model_title, reference_run, require_shared  # noqa: E402
 from pipeline.deploy import deploy, log_stderr  # noqa: E402
 
 # (format, what, recipe overrides); the shipped default is the row without overrides.
@@ -43,6 +43,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--eval-images", type=int, default=0, help="test images scored (0: all 10,000)")
     ap.add_argument("--formats", nargs="+", default=["coreml", "onnx", "tflite"])
+    add_checkpoint_option(ap)
     args = ap.parse_args()
     require_shared()
     common = ["validate.latency_runs=3", "validate.threads=[1]", "quantize.max_drop=null"]
@@ -51,12 +52,12 @@ def main():
         if fmt not in args.formats:
             continue
         rep, _ = deploy(reference_run("int8", common + [f"export.formats=[{fmt}]"] + sets, "bench-calibration",
-                                      args.eval_images), log_stderr)
+                                      args.eval_images, args.checkpoint), log_stderr)
         (a,) = rep["artifacts"]
         rows.append((fmt, what, a["accuracy"]["drop_vs_float"], a["fidelity"]["top1_agreement"], a["method"]))
         print(f"{fmt} {what}: {rows[-1][2]} {rows[-1][3]}", file=sys.stderr)
     ref = rep["reference"]["accuracy"]
-    print(f"\nRepViT-M0.9 CIFAR-10 reference, {ref['n']} test images; float PyTorch top-1 "
+    print(f"\n{model_title(rep)}, CIFAR-10, {ref['n']} test images; float PyTorch top-1 "
           f"{100 * ref['top1']:.2f}% (measured). Core ML rows are simulated (MIL interpreter: int8 x int8 convs, fp16 elsewhere); "
           "ONNX rows are measured in onnxruntime.")
     print(f"{'format':7} {'activation ranges':50} {'drop, points':>14} {'agreement %':>12}")

@@ -1,5 +1,5 @@
 """Does quantization-aware training recover what post-training int8 loses? Measured on the
-trained reference (../shared/data/reference: RepViT-M0.9, CIFAR-10, 64x64).
+trained reference (../shared/data/reference: RepViT-M0.9, CIFAR-10, 64x64; ``--checkpoint`` for another, e.g. bench/make_second_reference.py's).
 
 Both runs go through the pipeline itself with the accuracy-aware pass off
 (``quantize.max_drop=null``), so the rows compare PTQ and QAT int8 alone: the same
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.shared import REFERENCE, ROOT, disagreements_by_margin, require_shared, unpacked  # noqa: E402
+from bench.shared import ROOT, add_checkpoint_option, disagreements_by_margin, model_title, require_shared, unpacked, variant_of  # noqa: E402
 from pipeline.deploy import RunOptions, deploy, log_stderr, resolve_recipe  # noqa: E402
 from pipeline.hashing import sha256_file  # noqa: E402
 
@@ -82,11 +82,12 @@ def main():
                     help="run QAT alone (e.g. on a GPU machine) and write its models and facts to DIR")
     ap.add_argument("--qat-models", type=Path, metavar="DIR",
                     help="score the QAT models in DIR (written by --train-only) instead of training")
+    add_checkpoint_option(ap)
     args = ap.parse_args()
     require_shared()
     cifar = unpacked("cifar10-jpg.tar.gz", "cifar10")
     common = ("validate.latency_runs=5", f"data.eval_images={args.eval_images}", "quantize.max_drop=null")
-    base = dict(checkpoint=str(REFERENCE), data=str(cifar / "test"), calib=str(cifar / "train"),
+    base = dict(variant=variant_of(args.checkpoint), checkpoint=str(args.checkpoint), data=str(cifar / "test"), calib=str(cifar / "train"),
                 artifacts=ROOT / "artifacts" / "bench")
     if args.train_only:
         train_only(RunOptions(quant="qat-int8", sets=common + tuple(args.set), **base), args.train_only)
@@ -99,7 +100,7 @@ def main():
                                       force=("qat",))
     qat, _ = deploy(qat_run, log_stderr)
     ref = ptq["reference"]["accuracy"]
-    print(f"\nRepViT-M0.9 CIFAR-10 reference, {ref['n']} test images; float PyTorch top-1 "
+    print(f"\n{model_title(ptq)}, CIFAR-10, {ref['n']} test images; float PyTorch top-1 "
           f"{100 * ref['top1']:.2f}% (measured). Core ML rows are simulated (MIL interpreter: int8 x "
           "int8 convs, fp16 elsewhere); ONNX and TFLite rows are measured in onnxruntime / LiteRT.")
     qat_stage = qat["qat"]

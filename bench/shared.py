@@ -29,15 +29,40 @@ def unpacked(archive: str, inner: str) -> Path:
     return target
 
 
-def reference_run(quant: str, sets: list[str], artifacts: str, eval_images: int = 0):
-    """RunOptions for a deploy of the trained reference: CIFAR-10 train calibrates, test is
+def add_checkpoint_option(ap) -> None:
+    """``--checkpoint``: the trained CIFAR-10 RepViT a bench measures (default: the shared
+    reference; bench/make_second_reference.py makes another variant and input size)."""
+    ap.add_argument("--checkpoint", type=Path, default=REFERENCE,
+                    help="trained CIFAR-10 RepViT (release format; default: the shared reference)")
+
+
+def reference_run(quant: str, sets: list[str], artifacts: str, eval_images: int = 0,
+                  checkpoint: Path = REFERENCE):
+    """RunOptions for a deploy of a trained CIFAR-10 RepViT (the shared reference unless
+    ``checkpoint``, as the variant the file names): CIFAR-10 train calibrates, test is
     scored (all 10,000, or ``eval_images`` of them)."""
     from pipeline.deploy import RunOptions
 
     cifar = unpacked("cifar10-jpg.tar.gz", "cifar10")
     sets = list(sets) + ([f"data.eval_images={eval_images}"] if eval_images else [])
-    return RunOptions(quant=quant, checkpoint=str(REFERENCE), data=str(cifar / "test"), calib=str(cifar / "train"),
-                      artifacts=ROOT / "artifacts" / artifacts, sets=tuple(sets))
+    return RunOptions(quant=quant, variant=variant_of(checkpoint), checkpoint=str(checkpoint), data=str(cifar / "test"),
+                      calib=str(cifar / "train"), artifacts=ROOT / "artifacts" / artifacts, sets=tuple(sets))
+
+
+def variant_of(checkpoint: Path) -> str:
+    """The variant a release-format checkpoint names (``"variant"``)."""
+    from pipeline.checkpoints import parse, read_file
+
+    hint = parse(read_file(checkpoint), str(checkpoint)).variant_hint
+    if not hint:
+        raise SystemExit(f"{checkpoint}: the file does not name its variant ('variant' key)")
+    return hint
+
+
+def model_title(rep: dict) -> str:
+    """What a report measured, for a bench's heading: variant, input size, checkpoint file."""
+    return (f"RepViT-{rep['variant'].upper()} at {rep['preprocess']['input_size']} px "
+            f"({Path(rep['weights']['source']).name})")
 
 
 def disagreements_by_margin(fid: dict) -> str:

@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .formats import per_image_extremes, percentile_range, ranged_per_tensor
+from .formats import ValueTails, per_image_extremes, percentile_range, ranged_per_tensor, value_tails
 from .quiet import quiet
 
 BACKEND_OF_FORMAT = {"coreml": "coremltools", "onnx": "torchao", "tflite": "torchao"}
@@ -76,24 +76,30 @@ def activation_fake_quants(student: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def set_percentile_ranges(student: nn.Module, batches, percentile: float) -> int:
-    """Fix every activation range to ``[P(100 - p) of the images' minima, P(p) of their
-    maxima]``, measured per image on the float flow (fake quantization off), which is how
-    the TFLite export calibrates: the student then trains against the ranges the deployed
-    model gets, not against moving averages of batch extremes, which widen with the batch
-    size. The activation observers stay off (the ranges are frozen); the weights' observers
-    run once here so that their grids exist. Returns the number of tensors set."""
+def set_percentile_ranges(student: nn.Module, batches, percentile: float, of_values: bool = False) -> int:
+    """Fix every activation range, measured on the float flow (fake quantization off), as
+    the exports calibrate: ``[P(100 - p) of the images' minima, P(p) of their maxima]``
+    (the TFLite export's ``percentile``), or with ``of_values`` the range that clips
+    ``(100 - p) / 200`` of all values at each end (onnxruntime's percentile calibration,
+    formats.ValueTails). The student then trains against the ranges the deployed model gets,
+    not against moving averages of batch extremes, which widen with the batch size. The
+    activation observers stay off (the ranges are frozen); the weights' observers run once
+    here so that their grids exist. Returns the number of tensors set."""
     fqs = activation_fake_quants(student)
     every = [m for m in student.modules() if hasattr(m, "observer_enabled") and hasattr(m, "fake_quant_enabled")]
     for m in every:
         m.disable_observer()
         m.disable_fake_quant()
     batches = list(batches)
-    with per_image_extremes(fqs) as extremes:
+    tails = ValueTails(percentile, sum(len(x) for x in batches))
+    with per_image_extremes([] if of_values else fqs) as extremes, value_tails(fqs if of_values else [], tails):
         for x in batches:
             student(x)
     for m in fqs:
-        lo, hi = percentile_range(torch.cat(extremes[m][0]).cpu(), torch.cat(extremes[m][1]).cpu(), percentile)
+        if of_values:
+            lo, hi = tails.range(m)
+        else:
+            lo, hi = percentile_range(torch.cat(extremes[m][0]).cpu(), torch.cat(extremes[m][1]).cpu(), percentile)
         obs = m.activation_post_process
         obs.reset_min_max_vals()
         obs(torch.tensor([min(0.0, float(lo)), max(0.0, float(hi))], device=obs.min_val.device))

@@ -48,8 +48,8 @@ class Schedule:
     checkpoint_every: int
     seed: int
     device: str            # auto | cpu | cuda
-    ranges: str = "moving_average"   # | percentile (frozen; set from calibration_pixels)
-    range_percentile: float = 99.0
+    ranges: str = "moving_average"   # | percentile | value_percentile (frozen; set from calibration_pixels)
+    range_percentile: float = 99.0   # of the images' extremes, or of the values (value_percentile)
     holdout_every: int = 0           # > 0: held-out agreement / KL in the history too
 
     def lr_at(self, step: int) -> float:
@@ -198,10 +198,11 @@ def train(folder: Path, on_step: Optional[Callable[[int], None]] = None) -> dict
         # Ranges first: post-training ones, so that the agreement before the first step is
         # the PTQ baseline. Either the observers see calibration batches (no gradient), or
         # the ranges are set from the export's calibration images and frozen.
-        if sch.ranges == "percentile":
+        if sch.ranges in ("percentile", "value_percentile"):
             calib = np.load(job.calibration_pixels)
             set_percentile_ranges(student, (_normalize(calib[i:i + 64], job.mean, job.std, device)
-                                            for i in range(0, len(calib), 64)), sch.range_percentile)
+                                            for i in range(0, len(calib), 64)), sch.range_percentile,
+                                  of_values=sch.ranges == "value_percentile")
         else:
             with torch.no_grad():
                 for b in range(sch.calibration_batches):

@@ -147,6 +147,25 @@ def test_percentile_ranges_are_the_images_extremes_and_stay_frozen(backend, trai
     assert 1e-4 < diff < 0.2, f"fake-quantized output differs from float by {diff:.2g} of max |logit|"
 
 
+def test_value_percentile_ranges_clip_that_share_of_the_float_values(trained):
+    """qat.ranges: value_percentile fixes each activation range to the one that clips that
+    share of all values on the float flow: checked on the network input against numpy's
+    order statistics of the pooled pixels."""
+    from pipeline.fakequant import activation_fake_quants, get_backend, set_percentile_ranges
+
+    b = get_backend("torchao")
+    x = torch.from_numpy(normalized(trained.calibration[:64], trained.meta))
+    student = b.prepare(trained.fused, x[:2])
+    fqs = activation_fake_quants(student)
+    assert set_percentile_ranges(student, [x[:32], x[32:]], 99.9, of_values=True) == len(fqs)
+    pooled = np.sort(x.numpy().reshape(-1))
+    k = int(np.ceil(0.0005 * pooled.size))
+    want = (float(pooled[k - 1]), float(pooled[-k]))
+    ranges = [(float(m.activation_post_process.min_val), float(m.activation_post_process.max_val)) for m in fqs]
+    assert any(r == pytest.approx(want, rel=1e-6) for r in ranges), (want, ranges[:3])
+    assert want[1] < pooled[-1], "clips the brightest pixels (the darkest are many, all at pixel value 0)"
+
+
 def test_percentile_qat_trains_under_the_ranges_it_hands_over(trained, tmp_path):
     """A whole percentile-range run: the ranges handed to the export are those set from the
     calibration images before the first step, never moved by training."""

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..quiet import quiet
-from . import (ExportContext, ExportError, ExportResult, SchemeSupport, check_parity, normalized,
-               per_image_extremes, percentile_range, ranged_per_tensor, torch_logits)
+from . import (ExportContext, ExportError, ExportResult, SchemeSupport, ValueTails, check_parity,
+               normalized, per_image_extremes, percentile_range, ranged_per_tensor, torch_logits, value_tails)
 
 TARGETS = ("iOS16", "iOS17", "iOS18")
 PREVIEW_KEY = "com.apple.coreml.model.preview.type"
@@ -48,6 +48,10 @@ class CoreMLConfig:
     # own minima / maxima (the observer's statistics replaced before conversion), as the
     # TFLite export calibrates. null: the observer's ranges.
     activation_percentile: Optional[float] = None
+    # A number: each activation's range clips that percentile's share of all its values over
+    # the calibration images (onnxruntime's percentile calibration: formats.ValueTails);
+    # wins over ``activation_percentile``. null: as above.
+    activation_value_percentile: Optional[float] = None
     # Simulated parity gate for the fp32 program (interpreter vs PyTorch probabilities).
     tolerance: float = 1e-4
     # How a W8A8 program is simulated where Core ML cannot run (Linux; the budget check and
@@ -60,6 +64,9 @@ class CoreMLConfig:
     def validate(self):
         if self.activation_percentile is not None and not 50.0 <= self.activation_percentile <= 100.0:
             raise ValueError(f"activation_percentile {self.activation_percentile} is outside 50-100")
+        if self.activation_value_percentile is not None and not 90.0 <= self.activation_value_percentile <= 100.0:
+            raise ValueError(f"activation_value_percentile {self.activation_value_percentile} is outside "
+                             "90-100 (99.999 keeps all but the most extreme 0.001% of each activation's values)")
 
 
 class CoreMLClassifier(nn.Module):
@@ -149,7 +156,9 @@ class CoreMLExporter(SchemeSupport):
         if ctx.scheme in ("w8", "pal4", "pal6", "pal8"):
             ml, compression = compress_weights(ml, ctx.scheme, cfg)
         elif ctx.int8:
-            ranges = (f"percentile {cfg.activation_percentile:g} of each image's min / max"
+            ranges = (f"percentile {cfg.activation_value_percentile:g} of all values"
+                      if cfg.activation_value_percentile is not None else
+                      f"percentile {cfg.activation_percentile:g} of each image's min / max"
                       if cfg.activation_percentile is not None else f"ranges by {cfg.activation_observer}")
             compression = (f"W8A8: weights int8 per channel, activations 8-bit per tensor "
                            f"({cfg.quantization_scheme}), {ranges} over "
@@ -202,8 +211,11 @@ def quantize_w8a8(wrapped: nn.Module, calibration: np.ndarray, mean: list[float]
         prepared = quantizer.prepare(example_inputs=(x[:1],), inplace=False)
         prepared.train()  # observers record only in train mode; there is no BatchNorm left
         observers = [m for m in prepared.modules() if isinstance(m, ObserverBase) and ranged_per_tensor(m)]
-        record = cfg.activation_percentile is not None
-        with torch.no_grad(), per_image_extremes(observers if record else []) as extremes:
+        by_values = cfg.activation_value_percentile is not None
+        record = cfg.activation_percentile is not None and not by_values
+        tails = ValueTails(cfg.activation_value_percentile or 100.0, len(x))
+        with torch.no_grad(), per_image_extremes(observers if record else []) as extremes, \
+                value_tails(observers if by_values else [], tails):
             for i in range(0, len(x), CALIBRATION_BATCH):
                 quantizer.step()
                 prepared(x[i:i + CALIBRATION_BATCH])
@@ -213,6 +225,11 @@ def quantize_w8a8(wrapped: nn.Module, calibration: np.ndarray, mean: list[float]
             lo, hi = percentile_range(torch.cat(mins), torch.cat(maxs), cfg.activation_percentile)
             observer.min_val.fill_(float(lo))
             observer.max_val.fill_(float(hi))
+        for observer in observers:
+            if observer in tails:
+                lo, hi = tails.range(observer)
+                observer.min_val.fill_(lo)
+                observer.max_val.fill_(hi)
         return quantizer.finalize(inplace=False).eval()
 
 

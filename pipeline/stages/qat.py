@@ -67,11 +67,13 @@ class QatConfig:
     equalize: bool = True
     equalize_alpha: float = 0.5
     # Activation ranges trained against: "moving_average" (the observers follow each batch's
-    # extremes until freeze_observers_step) or "percentile" (fixed before the first step to
-    # the range_percentile of the calibration images' per-image extremes, as the TFLite
-    # export calibrates, and never moved).
-    ranges: Literal["moving_average", "percentile"] = "percentile"
+    # extremes until freeze_observers_step), "percentile" (fixed before the first step to
+    # the range_percentile of the calibration images' per-image extremes, and never moved)
+    # or "value_percentile" (fixed to the range that clips range_value_percentile's share of
+    # all values, as every int8 export calibrates by default).
+    ranges: Literal["moving_average", "percentile", "value_percentile"] = "percentile"
     range_percentile: float = 99.0
+    range_value_percentile: float = 99.999
 
     def validate(self):
         if not self.formats:
@@ -89,6 +91,8 @@ class QatConfig:
         check_alpha(self.equalize_alpha)
         if not 50 < self.range_percentile <= 100:
             raise ValueError(f"range_percentile {self.range_percentile} must be in (50, 100]")
+        if not 90 <= self.range_value_percentile <= 100:
+            raise ValueError(f"range_value_percentile {self.range_value_percentile} must be in [90, 100]")
 
     def schedule(self) -> Schedule:
         return Schedule(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
@@ -97,7 +101,8 @@ class QatConfig:
                         ce_weight=self.ce_weight, calibration_batches=self.calibration_batches,
                         checkpoint_every=self.checkpoint_every,
                         holdout_every=self.holdout_every, seed=self.seed, device=self.device,
-                        ranges=self.ranges, range_percentile=self.range_percentile)
+                        ranges=self.ranges, range_percentile=(self.range_value_percentile if self.ranges ==
+                                                              "value_percentile" else self.range_percentile))
 
 
 def fingerprint(cfg: QatConfig, data: DataConfig, coreml=None) -> dict:
@@ -128,7 +133,7 @@ def run(cfg: QatConfig, inputs: dict, out_dir: Path, data: DataConfig, scratch: 
     pre = preprocess_of(ckpt.meta)
     facts = {}
     resuming = (scratch / "pixels.npy").exists()   # the training images were chosen already
-    calibrated = cfg.equalize or cfg.ranges == "percentile"
+    calibrated = cfg.equalize or cfg.ranges != "moving_average"
     sets = resolve_sets(data, ckpt.meta["classes"]) if calibrated or not resuming else None
     if calibrated:   # deterministic: a resumed run computes the same again
         pixels = calibration_pixels(sets, data, pre)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.formats import get_exporter, normalized
+from pipeline.formats import ValueTails, get_exporter, normalized
 from pipeline.formats.onnx import run_onnx
 from pipeline.formats.tflite import run_tflite
 from pipeline.runtimes import MilRuntime
@@ -370,7 +370,46 @@ def test_tflite_percentile_ranges_are_the_percentile_of_each_images_extremes(tra
     assert hi < float(logits.max()) - 2 * step, "below the largest image's maximum"
 
 
-@pytest.mark.slow   # two Core ML int8 conversions for an option that is off by default
+def test_value_tails_clip_that_share_of_all_values_exactly():
+    """formats.ValueTails: the range clips (100 - p) / 200 of all the values at each end,
+    exactly numpy's order statistics of the pooled values, whether the images come one at a
+    time or in batches of different sizes; at 100 it is the min / max."""
+    rng = np.random.default_rng(0)
+    images = (rng.standard_t(3, size=(40, 6, 5, 5)) * rng.uniform(0.5, 2.0, (40, 1, 1, 1))).astype(np.float32)
+    pooled = np.sort(images.reshape(-1))
+    for p in (100.0, 99.9, 99.0, 90.0):
+        k = max(1, int(np.ceil((100 - p) / 200 * pooled.size)))
+        want = (float(pooled[k - 1]), float(pooled[-k]))
+        one, batched = ValueTails(p, len(images)), ValueTails(p, len(images))
+        for im in images:
+            one.add("t", im[None])
+        for i in range(0, len(images), 16):   # 16, 16, 8
+            batched.add("t", torch.from_numpy(images[i:i + 16]), images=len(images[i:i + 16]))
+        assert one.range("t") == pytest.approx(want, rel=1e-6) == batched.range("t"), p
+    assert ValueTails(100.0, 40).tail == 0 and want[1] < pooled[-1]
+
+
+@pytest.mark.slow   # about 20 s; an option that is off by default (README: measured, not kept)
+def test_tflite_value_percentile_ranges_clip_that_share_of_all_values(trained, tmp_path):
+    """calibration: value_percentile (onnxruntime's percentile statistic, for LiteRT): each
+    tensor's range clips that share of all its values over the calibration images; checked
+    on the logits, whose values PyTorch gives exactly."""
+    from pipeline.formats.tflite import TFLiteConfig
+
+    logits = reference_logits(trained, trained.calibration)
+    r = export("tflite", "int8", trained, tmp_path, TFLiteConfig(calibration="value_percentile", value_percentile=95.0))
+    assert "percentile 95 of all values" in r.facts["weights"]
+    lo, hi = _logit_range(r.path)
+    tails = ValueTails(95.0, len(logits))
+    tails.add("logits", logits, images=len(logits))
+    want_lo, want_hi = tails.range("logits")
+    step = (hi - lo) / 255
+    assert abs(lo - want_lo) <= 2 * step and abs(hi - want_hi) <= 2 * step, ((lo, hi), (want_lo, want_hi))
+    per_image = np.percentile(logits.max(1), 95)
+    assert abs(want_hi - per_image) > 4 * step, "not the per-image statistic"
+
+
+@pytest.mark.slow   # three Core ML int8 conversions for options that are off by default
 def test_coreml_activation_percentile_replaces_the_observers_ranges(trained, tmp_path):
     """export.coreml.activation_percentile: at 100 the ranges are the union of the images'
     extremes, exactly what coremltools' min_max observer finds (and not what the default
@@ -390,6 +429,11 @@ def test_coreml_activation_percentile_replaces_the_observers_ranges(trained, tmp
     assert "percentile 100 of each image's min / max" in r.facts["compression"]
     assert len(observer) == len(whole) > 10
     np.testing.assert_allclose(whole, observer, rtol=2e-3)   # fp16 scales in the program
+    # activation_value_percentile 100 clips nothing either: the same union of extremes
+    values, r = scales(CoreMLConfig(activation_observer="moving_average_min_max",
+                                    activation_value_percentile=100.0), "v100")
+    assert "percentile 100 of all values" in r.facts["compression"]
+    np.testing.assert_allclose(values, observer, rtol=2e-3)
 
 
 # ------------------------------------------------- QAT's weight grid is the one deployed
