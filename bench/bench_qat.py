@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.shared import ROOT, add_checkpoint_option, disagreements_by_margin, model_title, require_shared, unpacked, variant_of  # noqa: E402
+from bench.shared import (ROOT, add_checkpoint_option, disagreements_by_margin, model_title,  # noqa: E402
+                          reference_run, require_shared)
 from pipeline.deploy import RunOptions, deploy, log_stderr, resolve_recipe  # noqa: E402
 from pipeline.hashing import sha256_file  # noqa: E402
 
@@ -85,15 +86,13 @@ def main():
     add_checkpoint_option(ap)
     args = ap.parse_args()
     require_shared()
-    cifar = unpacked("cifar10-jpg.tar.gz", "cifar10")
     common = ("validate.latency_runs=5", f"data.eval_images={args.eval_images}", "quantize.max_drop=null")
-    base = dict(variant=variant_of(args.checkpoint), checkpoint=str(args.checkpoint), data=str(cifar / "test"), calib=str(cifar / "train"),
-                artifacts=ROOT / "artifacts" / "bench")
+    ptq_run = reference_run("int8", list(common), "bench", checkpoint=args.checkpoint)
+    qat_run = dataclasses.replace(ptq_run, quant="qat-int8", sets=common + tuple(args.set))
     if args.train_only:
-        train_only(RunOptions(quant="qat-int8", sets=common + tuple(args.set), **base), args.train_only)
+        train_only(qat_run, args.train_only)
         return
-    ptq, _ = deploy(RunOptions(quant="int8", sets=common, **base), log_stderr)
-    qat_run = RunOptions(quant="qat-int8", sets=common + tuple(args.set), **base)
+    ptq, _ = deploy(ptq_run, log_stderr)
     if args.qat_models:   # its own folder; forced: the published-report shortcut cannot see the models
         import_qat_models(args.qat_models.resolve())
         qat_run = dataclasses.replace(qat_run, artifacts=ROOT / "artifacts" / "bench-imported-qat",

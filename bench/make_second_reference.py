@@ -96,6 +96,8 @@ def main():
             idx = np.sort(order[i:i + args.batch])
             x = augment(torch.from_numpy(normalize_pixels(train_px[idx], MEAN, STD)), pad, gen)
             y = torch.from_numpy(train_y[idx]).long()
+            # Each head on the labels, as the shared reference was trained (the model's own
+            # forward returns their average).
             feats = x
             for f in model.features:
                 feats = f(feats)

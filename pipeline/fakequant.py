@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .formats import ValueTails, per_image_extremes, percentile_range, ranged_per_tensor, value_tails
+from .formats import input_ranges, ranged_per_tensor
 from .quiet import quiet
 
 BACKEND_OF_FORMAT = {"coreml": "coremltools", "onnx": "torchao", "tflite": "torchao"}
@@ -91,15 +91,11 @@ def set_percentile_ranges(student: nn.Module, batches, percentile: float, of_val
         m.disable_observer()
         m.disable_fake_quant()
     batches = list(batches)
-    tails = ValueTails(percentile, sum(len(x) for x in batches))
-    with per_image_extremes([] if of_values else fqs) as extremes, value_tails(fqs if of_values else [], tails):
+    with input_ranges(fqs, percentile, of_values, sum(len(x) for x in batches)) as ranges:
         for x in batches:
             student(x)
     for m in fqs:
-        if of_values:
-            lo, hi = tails.range(m)
-        else:
-            lo, hi = percentile_range(torch.cat(extremes[m][0]).cpu(), torch.cat(extremes[m][1]).cpu(), percentile)
+        lo, hi = ranges[m]
         obs = m.activation_post_process
         obs.reset_min_max_vals()
         obs(torch.tensor([min(0.0, float(lo)), max(0.0, float(hi))], device=obs.min_val.device))

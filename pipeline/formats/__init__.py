@@ -108,7 +108,8 @@ class ValueTails:
     ``(100 - percentile) / 200`` of all values at each end. This is onnxruntime's percentile
     calibration (``CalibPercentile``, 99.999: 0.0005% of the values, split over both tails),
     computed exactly instead of from a 2048-bin histogram, for the formats whose tools do not
-    offer it (README "int8 fidelity": it beat every per-image statistic)."""
+    offer it (README "int8 fidelity": better than the per-image statistic on the shared
+    reference, worse on a second model; an option, not a default)."""
 
     def __init__(self, percentile: float, n_images: int):
         self.tail = (100.0 - percentile) / 200.0
@@ -166,11 +167,24 @@ def per_image_extremes(modules):
 
 
 @contextlib.contextmanager
-def value_tails(modules, tails: ValueTails):
-    """Each module's input values into ``tails`` (keyed by module) while the block runs
-    (forward pre-hooks; the batch's first dimension counts images)."""
-    with _inputs_to(modules, lambda module, x: tails.add(module, x, images=x.shape[0])):
-        yield tails
+def input_ranges(modules, percentile: float, of_values: bool, n_images: int):
+    """Each module's input range over the calibration images that run through the block:
+    ``percentile_range`` of the images' own extremes, or with ``of_values`` the range that
+    clips ``(100 - percentile) / 200`` of all values at each end (``ValueTails``; the
+    batch's first dimension counts images). Yields a dict, filled on exit with
+    ``{module: (lo, hi)}`` for every module that was called."""
+    ranges = {}
+    if of_values:
+        tails = ValueTails(percentile, n_images)
+        with _inputs_to(modules, lambda module, x: tails.add(module, x, images=x.shape[0])):
+            yield ranges
+        ranges.update({m: tails.range(m) for m in modules if m in tails})
+    else:
+        with per_image_extremes(modules) as extremes:
+            yield ranges
+        ranges.update({m: tuple(float(v) for v in percentile_range(torch.cat(mins).cpu(), torch.cat(maxs).cpu(),
+                                                                   percentile))
+                       for m, (mins, maxs) in extremes.items() if mins})
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

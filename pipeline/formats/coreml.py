@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..quiet import quiet
-from . import (ExportContext, ExportError, ExportResult, SchemeSupport, ValueTails, check_parity,
-               normalized, per_image_extremes, percentile_range, ranged_per_tensor, torch_logits, value_tails)
+from . import (ExportContext, ExportError, ExportResult, SchemeSupport, check_parity, input_ranges, normalized,
+               ranged_per_tensor, torch_logits)
 
 TARGETS = ("iOS16", "iOS17", "iOS18")
 PREVIEW_KEY = "com.apple.coreml.model.preview.type"
@@ -212,24 +212,15 @@ def quantize_w8a8(wrapped: nn.Module, calibration: np.ndarray, mean: list[float]
         prepared.train()  # observers record only in train mode; there is no BatchNorm left
         observers = [m for m in prepared.modules() if isinstance(m, ObserverBase) and ranged_per_tensor(m)]
         by_values = cfg.activation_value_percentile is not None
-        record = cfg.activation_percentile is not None and not by_values
-        tails = ValueTails(cfg.activation_value_percentile or 100.0, len(x))
-        with torch.no_grad(), per_image_extremes(observers if record else []) as extremes, \
-                value_tails(observers if by_values else [], tails):
+        percentile = cfg.activation_value_percentile if by_values else cfg.activation_percentile
+        with torch.no_grad(), input_ranges(observers if percentile is not None else [], percentile,
+                                           by_values, len(x)) as ranges:
             for i in range(0, len(x), CALIBRATION_BATCH):
                 quantizer.step()
                 prepared(x[i:i + CALIBRATION_BATCH])
-        for observer, (mins, maxs) in extremes.items():
-            if not mins:
-                continue
-            lo, hi = percentile_range(torch.cat(mins), torch.cat(maxs), cfg.activation_percentile)
-            observer.min_val.fill_(float(lo))
-            observer.max_val.fill_(float(hi))
-        for observer in observers:
-            if observer in tails:
-                lo, hi = tails.range(observer)
-                observer.min_val.fill_(lo)
-                observer.max_val.fill_(hi)
+        for observer, (lo, hi) in ranges.items():
+            observer.min_val.fill_(lo)
+            observer.max_val.fill_(hi)
         return quantizer.finalize(inplace=False).eval()
 
 
