@@ -57,6 +57,7 @@ bench: ## Benchmarks under bench/ (ratios measured in one run; accuracy needs ..
 	$(PY) bench/bench_calibration.py
 	$(PY) bench/bench_mediapipe.py
 	$(PY) bench/bench_int8_fidelity.py
+	$(PY) bench/bench_int8_bound.py
 	$(PY) bench/bench_validation.py
 
 cache-ls: ## List cached stage outputs

@@ -20,13 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data import sample_images  # noqa: E402
-from pipeline.deploy import RunOptions, deploy  # noqa: E402
+from bench.shared import latency_artifacts  # noqa: E402
 from pipeline.formats.onnx import INPUT  # noqa: E402
 from pipeline.formats.tflite import execution as tflite_execution  # noqa: E402
 from pipeline.report import execution_line  # noqa: E402
 from pipeline.runtimes import OnnxRuntime, alternate_latency, open_runtime  # noqa: E402
-from pipeline.stages.reparam import preprocess_of  # noqa: E402
 from pipeline.stages.validate import cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,17 +95,7 @@ def main():
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--no-deploy-timing", action="store_true")
     args = ap.parse_args()
-    out = ROOT / "artifacts" / "bench-latency"
-    log = lambda m: None  # noqa: E731
-    base = dict(variant=args.variant, checkpoint="random", artifacts=out,
-                sets=("export.formats=[onnx,tflite]", "validate.latency_runs=5"))
-    reports = {q: deploy(RunOptions(quant=q, **base), log) for q in ("fp32", "fp16", "int8")}
-    meta = reports["fp32"][0]["preprocess"] | {"classes": []}
-    pixel = preprocess_of(meta).pixels(sample_images(1)[0])[None]
-
-    def path_of(scheme: str, fmt: str) -> Path:
-        rep, folder = reports[scheme]
-        return folder / next(a for a in rep["artifacts"] if a["format"] == fmt)["path"]
+    reports, path_of, meta, pixel = latency_artifacts(args.variant, ("fp32", "fp16", "int8"))
 
     print(f"measured: {cpu_name()}, RepViT-{args.variant.upper()} (untrained weights, BatchNorm "
           f"randomized: speed only), {meta['input_size']}px, batch 1, {args.runs} alternating runs "

@@ -71,3 +71,24 @@ def disagreements_by_margin(fid: dict) -> str:
 
     return ", ".join(f"{margin_label(b['float_margin'])}: {b['disagreements']} of {b['images']}"
                      for b in fid.get("agreement_by_float_margin", []))
+
+
+def latency_artifacts(variant: str, schemes: tuple[str, ...]):
+    """The artifacts the latency benches time: ``CKPT=random`` (untrained, BatchNorm
+    randomized: speed as trained, accuracy meaningless), ONNX and TFLite, one deploy per
+    scheme under artifacts/bench-latency (cached). Returns the reports, a ``path_of(scheme,
+    fmt)`` lookup, the preprocessing meta and one preprocessed photo (NHWC uint8, batch 1)."""
+    from pipeline.data import sample_images
+    from pipeline.deploy import RunOptions, deploy
+    from pipeline.stages.reparam import preprocess_of
+
+    base = dict(variant=variant, checkpoint="random", artifacts=ROOT / "artifacts" / "bench-latency",
+                sets=("export.formats=[onnx,tflite]", "validate.latency_runs=5"))
+    reports = {q: deploy(RunOptions(quant=q, **base), lambda m: None) for q in schemes}
+    meta = reports[schemes[0]][0]["preprocess"] | {"classes": []}
+
+    def path_of(scheme: str, fmt: str) -> Path:
+        rep, folder = reports[scheme]
+        return folder / next(a for a in rep["artifacts"] if a["format"] == fmt)["path"]
+
+    return reports, path_of, meta, preprocess_of(meta).pixels(sample_images(1)[0])[None]

@@ -350,6 +350,15 @@ class TFLiteExporter(SchemeSupport):
             result.export_model(str(dst))
 
 
+# ai-edge-quantizer recipe entries for the ends of an integer model. The softmax stays float:
+# the output is float32 probabilities, as apps read them. So does the input normalization
+# (the wrapper's own ops: x/255, - mean), which then needs one quantization, of the
+# normalized image, as before the input took raw pixels; in int8 it would be two
+# requantizations and two more int8 passes over the image.
+FLOAT_ENDS = [{"regex": ".*", "operation": "SOFTMAX", "algorithm_key": "no_quantize"},
+              {"regex": r"TFLiteClassifier_wrapped;\d+;$", "operation": "*", "algorithm_key": "no_quantize"}]
+
+
 def _int8_calibrate_and_quantize(src: Path, dst: Path, calibration_nhwc: np.ndarray,
                                  keep_float: list[str] = (), float_gelu: bool = True,
                                  calibration: str = "percentile", percentile: float = 99.0) -> None:
@@ -359,13 +368,7 @@ def _int8_calibrate_and_quantize(src: Path, dst: Path, calibration_nhwc: np.ndar
     (signature, spec), = it.get_signature_list().items()
     name = spec["inputs"][0]
     # Later entries win where scopes overlap.
-    # The softmax stays float: the output is float32 probabilities, as apps read them. So
-    # does the input normalization (the wrapper's own ops: x/255, - mean), which then needs
-    # one quantization, of the normalized image, as before the input took raw pixels; in
-    # int8 it would be two requantizations and two more int8 passes over the image.
-    steps = (recipe.static_wi8_ai8()
-             + [{"regex": ".*", "operation": "SOFTMAX", "algorithm_key": "no_quantize"},
-                {"regex": r"TFLiteClassifier_wrapped;\d+;$", "operation": "*", "algorithm_key": "no_quantize"}]
+    steps = (recipe.static_wi8_ai8() + FLOAT_ENDS
              + [{"regex": ".*", "operation": "GELU", "algorithm_key": "no_quantize"}] * float_gelu
              + [{"regex": p, "operation": "*", "algorithm_key": "no_quantize"} for p in keep_float])
     q = quantizer.Quantizer(str(src), steps)
