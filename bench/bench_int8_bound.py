@@ -32,17 +32,15 @@ from bench.shared import add_checkpoint_option, latency_artifacts, reference_run
 from pipeline.checkpoints import load_model  # noqa: E402
 from pipeline.data import normalized_tensor  # noqa: E402
 from pipeline.deploy import resolve_recipe  # noqa: E402
-from pipeline.formats.tflite import FLOAT_ENDS  # noqa: E402
-from pipeline.formats.onnx import execution as onnx_execution  # noqa: E402
-from pipeline.formats.tflite import execution as tflite_execution  # noqa: E402
-from pipeline.report import execution_line  # noqa: E402
 from pipeline.fakequant import TorchaoPT2E, activation_fake_quants, set_percentile_ranges  # noqa: E402
+from pipeline.formats.onnx import execution as onnx_execution  # noqa: E402
+from pipeline.formats.tflite import FLOAT_ENDS, execution as tflite_execution  # noqa: E402
 from pipeline.quiet import quiet  # noqa: E402
+from pipeline.report import execution_line  # noqa: E402
 from pipeline.runner import Cache, run_stages  # noqa: E402
 from pipeline.runtimes import alternate_latency, open_runtime  # noqa: E402
 from pipeline.stages import SCORING, STAGES  # noqa: E402
 from pipeline.stages.validate import cpu_name  # noqa: E402
-
 
 # (what, percentile, of all values): the statistics the formats calibrate with.
 STATISTICS = [
