@@ -32,7 +32,9 @@ from bench.shared import add_checkpoint_option, latency_artifacts, reference_run
 from pipeline.checkpoints import load_model  # noqa: E402
 from pipeline.data import normalized_tensor  # noqa: E402
 from pipeline.deploy import resolve_recipe  # noqa: E402
-from pipeline.fakequant import TorchaoPT2E, activation_fake_quants, set_percentile_ranges  # noqa: E402
+from pipeline.fakequant import (TorchaoPT2E, activation_fake_quants, fake_quant_range,  # noqa: E402
+                                set_percentile_ranges)
+from pipeline.formats import kl_per_image, softmax  # noqa: E402
 from pipeline.formats.onnx import execution as onnx_execution  # noqa: E402
 from pipeline.formats.tflite import FLOAT_ENDS, execution as tflite_execution  # noqa: E402
 from pipeline.quiet import quiet  # noqa: E402
@@ -40,7 +42,7 @@ from pipeline.report import execution_line  # noqa: E402
 from pipeline.runner import Cache, run_stages  # noqa: E402
 from pipeline.runtimes import alternate_latency, open_runtime  # noqa: E402
 from pipeline.stages import SCORING, STAGES  # noqa: E402
-from pipeline.stages.validate import cpu_name  # noqa: E402
+from pipeline.stages.validate import agreement_by_float_margin, cpu_name  # noqa: E402
 
 # (what, percentile, of all values): the statistics the formats calibrate with.
 STATISTICS = [
@@ -66,7 +68,7 @@ def prepared_run(args):
     def tensor(pixels):
         return normalized_tensor(pixels, ckpt.meta["mean"], ckpt.meta["std"]).contiguous()
 
-    logits = torch.from_numpy(np.load(records["reference"].dir / "logits.npy")).float()
+    logits = np.load(records["reference"].dir / "logits.npy")
     pixels = np.load(records["images"].dir / "pixels.npy", mmap_mode="r")
     title = f"RepViT-{recipe.variant.upper()} at {ckpt.meta['input_size']} px ({args.checkpoint.name})"
     return model.eval(), tensor(np.load(quant / "calibration_pixels.npy")), pixels, logits, tensor, title
@@ -124,9 +126,10 @@ def tflite_a16(fp32: Path, out: Path) -> Path:
     from ai_edge_litert.interpreter import Interpreter
     from ai_edge_quantizer import quantizer, recipe
 
-    (signature, spec), = Interpreter(model_path=str(fp32)).get_signature_list().items()
+    it = Interpreter(model_path=str(fp32))
+    (signature, spec), = it.get_signature_list().items()
     name = spec["inputs"][0]
-    detail = Interpreter(model_path=str(fp32)).get_signature_runner(signature).get_input_details()[name]
+    detail = it.get_signature_runner(signature).get_input_details()[name]
     rng = np.random.default_rng(0)
     feeds = [{name: rng.integers(0, 255, detail["shape"]).astype(detail["dtype"])} for _ in range(4)]
     q = quantizer.Quantizer(str(fp32), recipe.static_wi8_ai16() + FLOAT_ENDS)   # pixels in, as int8
@@ -182,46 +185,41 @@ def main():
     args = ap.parse_args()
     require_shared()
     model, calib, pixels, logits, tensor, title = prepared_run(args)
-    float_probs = torch.softmax(logits, 1)
-    float_top1 = logits.argmax(1)
-    margin = float_probs.topk(2, 1).values
-    near_tie = (margin[:, 0] - margin[:, 1]) < 0.05
+    float_probs = softmax(logits)
 
     @torch.no_grad()
     def score(student, what: str) -> None:
+        """Agreement, mean KL and disagreements (all; float margin < 0.05) as the reports count them."""
         start = time.perf_counter()
-        out = torch.cat([student(tensor(pixels[i:i + args.batch_size]))
-                         for i in range(0, len(pixels), args.batch_size)])
-        kl = (float_probs * (torch.log(float_probs) - torch.log_softmax(out, 1))).sum(1).mean()
-        differ = out.argmax(1) != float_top1
-        print(f"  {what:58} {100 * (1 - differ.float().mean()):6.2f}% {float(kl):9.5f} "
-              f"{int(differ.sum()):6d} {int((differ & near_tie).sum()):6d}   "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        probs = softmax(torch.cat([student(tensor(pixels[i:i + args.batch_size]))
+                                   for i in range(0, len(pixels), args.batch_size)]).numpy())
+        bins = agreement_by_float_margin(float_probs, probs)
+        differ = sum(b["disagreements"] for b in bins)
+        print(f"  {what:58} {100 * (1 - differ / len(probs)):6.2f}% {kl_per_image(float_probs, probs).mean():9.5f} "
+              f"{differ:6d} {bins[0]['disagreements']:6d}   ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    print(f"\n{title}, CIFAR-10, {len(pixels)} test images, {int(near_tie.sum())} with float's "
+    near_ties = agreement_by_float_margin(float_probs, float_probs)[0]["images"]
+    print(f"\n{title}, CIFAR-10, {len(pixels)} test images, {near_ties} with float's "
           "top-1 - top-2 probability < 0.05. Simulated: torchao PT2E fake quantization of the "
           f"equalized model, fp32 on this CPU, ranges from {len(calib)} calibration images.")
     print(f"  {'':58} {'agree':>7} {'mean KL':>9} {'differ':>6} {'<0.05':>6}")
     backend = TorchaoPT2E()
     batches = [calib[i:i + 32] for i in range(0, len(calib), 32)]
-    student = None
+    students = []
     for what, percentile, of_values in STATISTICS:
         student = backend.prepare(model, calib[:8])
         set_percentile_ranges(student, batches, percentile, of_values)
         backend.set_mode(student, False)
         fqs = activation_fake_quants(student)
-        ranges = [((fq.quant_min - int(fq.zero_point)) * float(fq.scale),
-                   (fq.quant_max - int(fq.zero_point)) * float(fq.scale)) for fq in fqs]
+        ranges = [fake_quant_range(fq) for fq in fqs]
         print(f"ranges: {what}")
         for bits in BITS:
             set_activation_bits(fqs, ranges, bits)
             score(student, f"W8A{bits}")
         set_activation_bits(fqs, ranges, 8)
+        students.append((student, fqs))
     print(f"where W8A8 loses (ranges: {STATISTICS[1][0]}; one kind of tensor in float at a time)")
-    student = backend.prepare(model, calib[:8])
-    set_percentile_ranges(student, batches, STATISTICS[1][1], STATISTICS[1][2])
-    backend.set_mode(student, False)
-    fqs = activation_fake_quants(student)
+    student, fqs = students[1]
     for producer, group in sorted(by_producer(student, fqs).items()):
         for fq in group:
             fq.disable_fake_quant()

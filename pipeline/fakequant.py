@@ -110,6 +110,13 @@ def set_percentile_ranges(student: nn.Module, batches, percentile: float, of_val
     return len(fqs)
 
 
+def fake_quant_range(fq: nn.Module) -> list[float]:
+    """The real range a per-tensor fake-quantizer's (scale, zero point) represent:
+    ``[(qmin - zp) * scale, (qmax - zp) * scale]``."""
+    scale, zp = float(fq.scale.reshape(-1)[0]), int(fq.zero_point.reshape(-1)[0])
+    return [(fq.quant_min - zp) * scale, (fq.quant_max - zp) * scale]
+
+
 def float_state(student: nn.Module, fused: nn.Module) -> dict[str, torch.Tensor]:
     """The student's float weights under the fused model's names; every one must be found.
     (coremltools wraps a conv and its activation as ``<name>.conv``.)"""
@@ -217,10 +224,6 @@ class TorchaoPT2E:
                 return modules[node.target]
             return None
 
-        def real_range(fq) -> list[float]:
-            scale, zp = float(fq.scale.reshape(-1)[0]), int(fq.zero_point.reshape(-1)[0])
-            return [(fq.quant_min - zp) * scale, (fq.quant_max - zp) * scale]
-
         ranges = {}
         for n in student.graph.nodes:
             if n.op != "call_function" or n.target not in (aten.conv2d.default, aten.linear.default):
@@ -232,7 +235,7 @@ class TorchaoPT2E:
                 continue
             sides = {"input": fake_quant(n.args[0]),
                      "output": next((fq for fq in map(fake_quant, n.users) if fq is not None), None)}
-            ranges[weight.target.rpartition(".")[0]] = {k: real_range(fq) for k, fq in sides.items()
+            ranges[weight.target.rpartition(".")[0]] = {k: fake_quant_range(fq) for k, fq in sides.items()
                                                          if fq is not None}
         return ranges
 
