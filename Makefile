@@ -19,12 +19,12 @@ RUN_OPTS = --variant $(VARIANT) --ckpt $(CKPT) \
   $(if $(RECIPE),--recipe $(RECIPE)) $(foreach s,$(SET),--set $(s)) \
   $(foreach s,$(FORCE),--force $(s)) --artifacts $(ARTIFACTS)
 
-.PHONY: help setup test test-slow deploy compare variants bench cache-ls clean
+.PHONY: help setup test test-slow deploy compare variants schemes bench cache-ls clean
 
 help: ## This list
 	@echo "Targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
-	@echo "Variables: VARIANT=$(VARIANT) (m0.6 m0.9 m1.0 m1.1 m1.5 m2.3; legacy m1 m2 m3)  QUANT=$(QUANT) (fp32 fp16 int8 w8 pal4 pal6 pal8 qat-int8)"
+	@echo "Variables: VARIANT=$(VARIANT) (m0.6 m0.9 m1.0 m1.1 m1.5 m2.3; legacy m1 m2 m3)  QUANT=$(QUANT) (\`make schemes\` lists the schemes per format)"
 	@echo "           CKPT=official|random|hf-hub:ORG/NAME[@REV]|FILE  DATA=eval folder  CALIB=calibration folder or imagenette-320 / imagenette-160"
 	@echo "           RECIPE=your.yaml  SET='stage.key=value ...'  FORCE='stage ...'  QUANTS='fp16 int8 ...' (compare)"
 
@@ -47,6 +47,9 @@ compare: ## Build every scheme in QUANTS and compare them in artifacts/<VARIANT>
 
 variants: ## The model zoo with counted and published params / MACs
 	$(PY) -m pipeline variants
+
+schemes: ## Which scheme each format can express, and why not
+	$(PY) -m pipeline schemes
 
 bench: ## Benchmarks under bench/ (ratios measured in one run; accuracy needs ../shared/data)
 	$(PY) bench/bench_reparam.py

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared import add_checkpoint_option, model_title, reference_run, require_shared  # noqa: E402
-from pipeline.deploy import deploy, log_stderr  # noqa: E402
+from pipeline.app.deploy import deploy  # noqa: E402
 
 # (format, what, recipe overrides); the shipped default is the row without overrides.
 CHOICES = [
@@ -52,7 +52,7 @@ def main():
         if fmt not in args.formats:
             continue
         rep, _ = deploy(reference_run("int8", common + [f"export.formats=[{fmt}]"] + sets, "bench-calibration",
-                                      args.eval_images, args.checkpoint), log_stderr)
+                                      args.eval_images, args.checkpoint))
         (a,) = rep["artifacts"]
         rows.append((fmt, what, a["accuracy"]["drop_vs_float"], a["fidelity"]["top1_agreement"], a["method"]))
         print(f"{fmt} {what}: {rows[-1][2]} {rows[-1][3]}", file=sys.stderr)

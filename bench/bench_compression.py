@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared import REFERENCE, ROOT, require_shared, unpacked  # noqa: E402
-from pipeline.compare import compare  # noqa: E402
-from pipeline.deploy import RunOptions, log_stderr  # noqa: E402
+from pipeline.app.compare import compare  # noqa: E402
+from pipeline.app.deploy import RunOptions  # noqa: E402
 
 GOAL_POINTS = {"fp16": 0.05, "int8": 0.3, "w8": 0.3, "pal6": 0.3, "pal4": 1.5}
 
@@ -38,7 +38,7 @@ def main():
         sets.append(f"data.eval_images={args.eval_images}")
     opts = RunOptions(checkpoint=str(REFERENCE), data=str(cifar / "test"), calib=str(cifar / "train"),
                       sets=tuple(sets), artifacts=ROOT / "artifacts" / "bench")
-    result, folder = compare(opts, args.quants, log=log_stderr)
+    result, folder = compare(opts, args.quants)
     ref = result["reference"]["accuracy"]
     print(f"\nRepViT-M0.9 CIFAR-10 reference, {ref['n']} test images; float PyTorch top-1 "
           f"{100 * ref['top1']:.2f}% (measured). Core ML rows are simulated (MIL interpreter); "

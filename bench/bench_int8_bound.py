@@ -29,20 +29,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared import add_checkpoint_option, latency_artifacts, reference_run, require_shared  # noqa: E402
-from pipeline.checkpoints import load_model  # noqa: E402
-from pipeline.data import normalized_tensor  # noqa: E402
-from pipeline.deploy import resolve_recipe  # noqa: E402
-from pipeline.fakequant import (TorchaoPT2E, activation_fake_quants, fake_quant_range,  # noqa: E402
-                                set_percentile_ranges)
-from pipeline.formats import kl_per_image, softmax  # noqa: E402
+from pipeline.io.checkpoints import load_model  # noqa: E402
+from pipeline.io.data import normalized_tensor  # noqa: E402
+from pipeline.app.deploy import resolve_recipe  # noqa: E402
+from pipeline.quant.fakequant import (TorchaoPT2E, activation_fake_quants, fake_quant_range,
+                                      set_percentile_ranges)
+from pipeline.eval.metrics import kl_per_image, softmax  # noqa: E402
 from pipeline.formats.onnx import execution as onnx_execution  # noqa: E402
 from pipeline.formats.tflite import FLOAT_ENDS, execution as tflite_execution  # noqa: E402
-from pipeline.quiet import quiet  # noqa: E402
-from pipeline.report import execution_line  # noqa: E402
-from pipeline.runner import Cache, run_stages  # noqa: E402
-from pipeline.runtimes import alternate_latency, open_runtime  # noqa: E402
-from pipeline.stages import SCORING, STAGES  # noqa: E402
-from pipeline.stages.validate import agreement_by_float_margin, cpu_name  # noqa: E402
+from pipeline.core.quiet import quiet  # noqa: E402
+from pipeline.app.report import execution_line  # noqa: E402
+from pipeline.core.runner import Cache, run_stages  # noqa: E402
+from pipeline.eval.timing import alternate_latency
+from pipeline.runtimes import open_runtime  # noqa: E402
+from pipeline.app.plan import SCORING, STAGES  # noqa: E402
+from pipeline.eval.metrics import agreement_by_float_margin
+from pipeline.eval.timing import cpu_name  # noqa: E402
 
 # (what, percentile, of all values): the statistics the formats calibrate with.
 STATISTICS = [
@@ -60,8 +62,7 @@ def prepared_run(args):
                          args.checkpoint)
     recipe = resolve_recipe(opts)
     stages = [STAGES[n] for n in ("load", "reparam", "quantize")] + SCORING
-    records = run_stages(stages, recipe.sections, Cache(opts.artifacts / "cache"),
-                         log=lambda s: print(s, file=sys.stderr))
+    records = run_stages(stages, recipe.sections, Cache(opts.artifacts / "cache"))
     quant = records["quantize"].dir
     model, ckpt = load_model(quant / "model.pt")
 

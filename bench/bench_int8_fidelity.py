@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared import add_checkpoint_option, disagreements_by_margin, model_title, reference_run, require_shared  # noqa: E402
-from pipeline.deploy import deploy, log_stderr  # noqa: E402
+from pipeline.app.deploy import deploy  # noqa: E402
 
 ROWS = [("no equalization", ["quantize.equalize=false"]),
         ("equalized, alpha 0.5 (default)", [])]
@@ -35,7 +35,7 @@ def main():
               "quantize.max_drop=null", f"export.formats=[{','.join(args.formats)}]"]
     results = []
     for label, sets in rows:
-        rep, _ = deploy(reference_run("int8", common + sets, "bench-int8-fidelity", args.eval_images, args.checkpoint), log_stderr)
+        rep, _ = deploy(reference_run("int8", common + sets, "bench-int8-fidelity", args.eval_images, args.checkpoint))
         for a in rep["artifacts"]:
             results.append((a["format"], label, a["accuracy"]["drop_vs_float"], a["fidelity"], a["method"]))
     ref = rep["reference"]["accuracy"]

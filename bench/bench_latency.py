@@ -23,9 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.shared import latency_artifacts  # noqa: E402
 from pipeline.formats.onnx import INPUT  # noqa: E402
 from pipeline.formats.tflite import execution as tflite_execution  # noqa: E402
-from pipeline.report import execution_line  # noqa: E402
-from pipeline.runtimes import OnnxRuntime, alternate_latency, open_runtime  # noqa: E402
-from pipeline.stages.validate import cpu_name  # noqa: E402
+from pipeline.app.report import execution_line  # noqa: E402
+from pipeline.runtimes.ort import OnnxRuntime
+from pipeline.eval.timing import alternate_latency
+from pipeline.runtimes import open_runtime  # noqa: E402
+from pipeline.eval.timing import cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,19 +47,17 @@ class SpinningOnnx(OnnxRuntime):
 
 
 def blocked_latency(runtimes: list, pixels, runs: int, block: int = 20) -> list[float]:
-    """Medians of each runtime timed alone in blocks of ``block`` runs, blocks alternating."""
+    """Medians of each runtime timed alone in blocks of ``block`` runs, blocks alternating
+    (3 warm-up calls before each block let the other session's threads go to sleep)."""
     import statistics
+
+    from pipeline.eval.timing import time_calls
 
     calls = [rt.invoker(pixels) for rt in runtimes]
     times = [[] for _ in runtimes]
     for _ in range(max(1, runs // block)):
         for call, t in zip(calls, times):
-            for _ in range(3):
-                call()       # let the other session's threads go to sleep
-            for _ in range(block):
-                start = time.perf_counter()
-                call()
-                t.append((time.perf_counter() - start) * 1e3)
+            t.extend(time_calls([call], 3, block)[0])
     return [statistics.median(t) for t in times]
 
 
@@ -66,7 +66,7 @@ def onnx_op_split(path: Path, meta: dict, pixel, threads: int, warmup: int = 5,
     """Milliseconds per run by op type, from onnxruntime's profiler."""
     import onnxruntime as ort
 
-    from pipeline.formats import normalized
+    from pipeline.io.data import normalized
 
     with tempfile.TemporaryDirectory() as tmp:
         opts = ort.SessionOptions()

@@ -16,11 +16,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared import reference_run, require_shared, unpacked  # noqa: E402
-from pipeline.data import DataConfig, load_pixels, resolve_sets  # noqa: E402
-from pipeline.deploy import deploy, log_stderr  # noqa: E402
-from pipeline.formats.tflite import run_tflite  # noqa: E402
-from pipeline.progress import Progress  # noqa: E402
-from pipeline.stages.reparam import preprocess_of  # noqa: E402
+from pipeline.io.data import DataConfig, load_pixels, resolve_sets  # noqa: E402
+from pipeline.app.deploy import deploy  # noqa: E402
+from pipeline.runtimes.litert import run_tflite  # noqa: E402
+from pipeline.core.progress import Progress  # noqa: E402
+from pipeline.io.data import preprocess_of  # noqa: E402
 
 
 def mediapipe_top1(path: Path, pixels: np.ndarray, classes: list[str]) -> np.ndarray:
@@ -51,7 +51,7 @@ def main():
     sets = ["export.formats=[tflite]", "validate.latency_runs=5", "validate.threads=[1]"]
     rows = []
     for q in args.quants:
-        rep, folder = deploy(reference_run(q, sets, "bench-mediapipe", args.eval_images), log_stderr)
+        rep, folder = deploy(reference_run(q, sets, "bench-mediapipe", args.eval_images))
         (art,) = rep["artifacts"]
         meta = {**rep["preprocess"], "classes": None}
         classes = (folder / "labels.txt").read_text().split()

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared import (ROOT, add_checkpoint_option, disagreements_by_margin, model_title,  # noqa: E402
                           reference_run, require_shared)
-from pipeline.deploy import RunOptions, deploy, log_stderr, resolve_recipe  # noqa: E402
-from pipeline.hashing import sha256_file  # noqa: E402
+from pipeline.app.deploy import RunOptions, deploy, resolve_recipe  # noqa: E402
+from pipeline.core.hashing import sha256_file  # noqa: E402
 
 
 def goal_met(ptq_drop: float, qat_drop: float) -> str:
@@ -40,12 +40,12 @@ def goal_met(ptq_drop: float, qat_drop: float) -> str:
 
 def train_only(opts: RunOptions, out: Path) -> None:
     """Run the recipe's stages up to qat; copy the QAT models and facts to ``out``."""
-    from pipeline.runner import Cache, facts_of, run_stages
-    from pipeline.stages import plan
+    from pipeline.core.runner import Cache, facts_of, run_stages
+    from pipeline.app.plan import plan
 
     recipe = resolve_recipe(opts)
     records = run_stages(plan(["load", "reparam", "qat"], recipe.sections), recipe.sections,
-                         Cache(opts.artifacts / "cache"), log=log_stderr)
+                         Cache(opts.artifacts / "cache"))
     out.mkdir(parents=True, exist_ok=True)
     for model in sorted(records["qat"].dir.glob("model.*.pt")):
         shutil.copy(model, out / model.name)
@@ -92,12 +92,12 @@ def main():
     if args.train_only:
         train_only(qat_run, args.train_only)
         return
-    ptq, _ = deploy(ptq_run, log_stderr)
+    ptq, _ = deploy(ptq_run)
     if args.qat_models:   # its own folder; forced: the published-report shortcut cannot see the models
         import_qat_models(args.qat_models.resolve())
         qat_run = dataclasses.replace(qat_run, artifacts=ROOT / "artifacts" / "bench-imported-qat",
                                       force=("qat",))
-    qat, _ = deploy(qat_run, log_stderr)
+    qat, _ = deploy(qat_run)
     ref = ptq["reference"]["accuracy"]
     print(f"\n{model_title(ptq)}, CIFAR-10, {ref['n']} test images; float PyTorch top-1 "
           f"{100 * ref['top1']:.2f}% (measured). Core ML rows are simulated (MIL interpreter: int8 x "

@@ -9,7 +9,7 @@ import time
 import torch
 
 from pipeline.models import create_model, reparameterize
-from pipeline.stages.validate import cpu_name
+from pipeline.eval.timing import cpu_name
 
 
 @torch.no_grad()

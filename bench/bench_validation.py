@@ -36,11 +36,11 @@ def main():
     import numpy as np
     import torch
 
-    from pipeline.deploy import RunOptions, deploy, log_stderr
-    from pipeline.runtimes import MilRuntime
-    from pipeline.formats import normalized
-    from pipeline.checkpoints import load_model
-    from pipeline.stages.validate import cpu_name
+    from pipeline.app.deploy import RunOptions, deploy
+    from pipeline.runtimes.coreml import MilRuntime
+    from pipeline.io.data import normalized
+    from pipeline.io.checkpoints import load_model
+    from pipeline.eval.timing import cpu_name
 
     val = unpacked("imagenet-sample.tar.gz", "imagenet-sample/val")
     opts = RunOptions(quant="int8", variant="m0.9", checkpoint="random", data=str(val),
@@ -49,7 +49,7 @@ def main():
                             "data.calib_images=64", "quantize.max_drop=null",
                             f"validate.processes={args.processes}", f"validate.compile={args.compile}"),
                       force=("images", "reference", "validate"))
-    rep, _ = deploy(opts, log_stderr)
+    rep, _ = deploy(opts)
     seconds = {s["name"]: s["seconds"] for s in rep["stages"]}
     n = rep["artifacts"][0]["fidelity"]["n"]
     # Per-image work: decoding, and each runtime's scoring loop (the stages' measured

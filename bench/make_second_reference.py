@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared import UNPACKED, require_shared, unpacked  # noqa: E402
-from pipeline.data import Preprocess, image_folder, load_pixels, normalize_pixels  # noqa: E402
+from pipeline.io.data import Preprocess, image_folder, load_pixels, normalize_pixels  # noqa: E402
 from pipeline.models.repvit import create_model  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -6,6 +6,10 @@ import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pipeline.core.log import configure  # noqa: E402
+
+configure()   # the benches show the pipeline's progress messages, as the CLI does
 SHARED = ROOT.parent / "shared" / "data"
 UNPACKED = ROOT / "artifacts" / "data"
 REFERENCE = SHARED / "reference" / "repvit_m0_9_cifar10_64px.pth"
@@ -41,7 +45,7 @@ def reference_run(quant: str, sets: list[str], artifacts: str, eval_images: int 
     """RunOptions for a deploy of a trained CIFAR-10 RepViT (the shared reference unless
     ``checkpoint``, as the variant the file names): CIFAR-10 train calibrates, test is
     scored (all 10,000, or ``eval_images`` of them)."""
-    from pipeline.deploy import RunOptions
+    from pipeline.app.deploy import RunOptions
 
     cifar = unpacked("cifar10-jpg.tar.gz", "cifar10")
     sets = list(sets) + ([f"data.eval_images={eval_images}"] if eval_images else [])
@@ -51,7 +55,7 @@ def reference_run(quant: str, sets: list[str], artifacts: str, eval_images: int 
 
 def variant_of(checkpoint: Path) -> str:
     """The variant a release-format checkpoint names (``"variant"``)."""
-    from pipeline.checkpoints import parse, read_file
+    from pipeline.io.checkpoints import parse, read_file
 
     hint = parse(read_file(checkpoint), str(checkpoint)).variant_hint
     if not hint:
@@ -67,7 +71,7 @@ def model_title(rep: dict) -> str:
 
 def disagreements_by_margin(fid: dict) -> str:
     """The fidelity's disagreements per bin of float's top-1 - top-2 margin, on one line."""
-    from pipeline.report import margin_label
+    from pipeline.app.report import margin_label
 
     return ", ".join(f"{margin_label(b['float_margin'])}: {b['disagreements']} of {b['images']}"
                      for b in fid.get("agreement_by_float_margin", []))
@@ -78,9 +82,9 @@ def latency_artifacts(variant: str, schemes: tuple[str, ...]):
     randomized: speed as trained, accuracy meaningless), ONNX and TFLite, one deploy per
     scheme under artifacts/bench-latency (cached). Returns the reports, a ``path_of(scheme,
     fmt)`` lookup, the preprocessing meta and one preprocessed photo (NHWC uint8, batch 1)."""
-    from pipeline.data import sample_images
-    from pipeline.deploy import RunOptions, deploy
-    from pipeline.stages.reparam import preprocess_of
+    from pipeline.io.data import sample_images
+    from pipeline.app.deploy import RunOptions, deploy
+    from pipeline.io.data import preprocess_of
 
     base = dict(variant=variant, checkpoint="random", artifacts=ROOT / "artifacts" / "bench-latency",
                 sets=("export.formats=[onnx,tflite]", "validate.latency_runs=5"))

@@ -1,3 +1,3 @@
-from .cli import main
+from pipeline.app.cli import main
 
 main(prog_name="python -m pipeline")

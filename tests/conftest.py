@@ -6,8 +6,22 @@ import pytest
 import torch
 from PIL import Image
 
-
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def pipeline_messages_enabled():
+    """Every log call of the pipeline is made in full (debug included), as under ``-v``: a
+    call whose arguments are wrong fails the test that reaches it, not a user's run. The
+    records go nowhere unless a test captures them (caplog)."""
+    import logging
+
+    logger = logging.getLogger("pipeline")
+    logger.setLevel(logging.DEBUG)   # again for each test: a CLI test's -q sets it,
+    logger.propagate = True          # and its handler stops propagation (caplog listens at the root)
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
+    yield
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +83,7 @@ def shared_data():
 # A small RepViT trained in seconds on a learnable task (which photo a crop comes from),
 # so that quantization is judged on a network with real decision margins.
 
-from pipeline.formats import normalized
+from pipeline.io.data import normalized
 from pipeline.models import create_model, reparameterize
 
 SIZE = 32

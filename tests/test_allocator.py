@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import ctypes, sys
 sys.path.insert(0, sys.argv[2])
-from pipeline.allocator import keep_freed_memory
+from pipeline.core.allocator import keep_freed_memory
 libc = ctypes.CDLL(None)
 libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
 libc.malloc.argtypes, libc.sbrk.argtypes = [ctypes.c_size_t], [ctypes.c_ssize_t]

@@ -1,11 +1,9 @@
 import pytest
 import torch
 
-from pipeline import checkpoints as ck
-from pipeline.models import create_model, reparameterize
+from pipeline.io import checkpoints as ck
+from pipeline.models import create_model, randomize_bn, reparameterize
 from pipeline.variants import VARIANTS
-
-from pipeline.models import randomize_bn
 
 
 def official_file(tmp_path, name="m0.6", num_classes=10, distillation=True, seed=0, **extra):

@@ -3,11 +3,9 @@ import json
 import torch
 from click.testing import CliRunner
 
-from pipeline.checkpoints import load_model
-from pipeline.cli import main
-from pipeline.models import create_model
-
-from pipeline.models import randomize_bn
+from pipeline.app.cli import main
+from pipeline.io.checkpoints import load_model
+from pipeline.models import create_model, randomize_bn
 
 
 def test_variants_prints_counted_and_published():

@@ -1,5 +1,5 @@
 """compare's rows and tables from deploy reports (the end-to-end run is in test_deploy)."""
-from pipeline.compare import HEADER, markdown, rows_of, table_rows
+from pipeline.app.compare import HEADER, markdown, rows_of, table_rows
 
 
 def report(top1):

@@ -3,7 +3,7 @@ does, pads the last batch, and falls back to eager when compiling fails or chang
 import pytest
 import torch
 
-from pipeline.compiled import AUTO_MIN_IMAGES, FixedBatch, wanted
+from pipeline.core.compiled import AUTO_MIN_IMAGES, FixedBatch, wanted
 
 
 def fp16_net():

@@ -2,9 +2,9 @@ import textwrap
 
 import pytest
 
-from pipeline.config import RecipeError, load_recipe
-from pipeline.deploy import RunOptions, resolve_recipe
-from pipeline.stages import SECTIONS
+from pipeline.app.deploy import RunOptions, resolve_recipe
+from pipeline.app.plan import SECTIONS
+from pipeline.core.config import RecipeError, load_recipe
 
 
 def write(tmp_path, text, name="my.yaml"):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import (DataConfig, DataError, Preprocess, budget_set, class_index_for,
-                           calibration_pixels, image_folder, imagenet_classes, load_pixels, normalize_pixels,
-                           normalized_tensor, open_image, resolve_sets, training_pixels, workers_for)
+from pipeline.io.data import (DataConfig, DataError, Preprocess, budget_set, calibration_pixels,
+                              class_index_for, image_folder, imagenet_classes, load_pixels, normalize_pixels,
+                              normalized_tensor, open_image, resolve_sets, training_pixels, workers_for)
 
 
 def make_folder(root, classes, per_class=3, size=(40, 30)):
@@ -163,7 +163,7 @@ def test_imagenet_val_tree_maps_wnids_to_model_outputs(imagenet_sample):
 
 
 def test_folder_fingerprint_follows_names_sizes_and_mtimes(tmp_path):
-    from pipeline.listing import fingerprint_folder, forget_listings
+    from pipeline.io.listing import fingerprint_folder, forget_listings
 
     for cls in ("a", "b"):
         (tmp_path / cls).mkdir()

@@ -9,10 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.data import sample_images
-from pipeline.models import create_model
-
-from pipeline.models import randomize_bn
+from pipeline.io.data import sample_images
+from pipeline.models import create_model, randomize_bn
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [f"class{i}" for i in range(4)]
@@ -90,7 +88,7 @@ def test_make_deploy_end_to_end(tiny, tmp_path):
     out, _ = make_deploy(tiny, artifacts, env={"PYTHONPROFILEIMPORTTIME": "1"})
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines()
                 if line.startswith("import time:")}
-    assert "pipeline.deploy" in imported and "torch" not in imported
+    assert "pipeline.app.deploy" in imported and "torch" not in imported
     assert "up to date" in out.stderr and (folder / "report.json").stat().st_mtime_ns == written
     # A published file damaged: published again from the cache, where every stage is cached.
     onnx_file = folder / "RepViT-M0.6-fp16.onnx"
@@ -125,7 +123,7 @@ def test_untrained_weights_say_so_everywhere(tmp_path):
 
 
 def test_official_without_network_falls_back_loudly(tmp_path, monkeypatch):
-    from pipeline.download import DownloadUnavailable
+    from pipeline.io.download import DownloadUnavailable
     from pipeline.stages import load
 
     def offline(variant, **kw):
@@ -210,9 +208,10 @@ def test_official_weights_offline_online_offline(tmp_path, monkeypatch):
     """The load stage's cache key covers the weights actually used: an untrained fallback
     (no network) is cached under its own key, so the first run that can download the
     weights uses them; offline again, the downloaded file is used from its cache."""
-    from pipeline.download import DownloadUnavailable
-    from pipeline.runner import Cache, run_stages
-    from pipeline.stages import STAGES, load
+    from pipeline.app.plan import STAGES
+    from pipeline.core.runner import Cache, run_stages
+    from pipeline.io.download import DownloadUnavailable
+    from pipeline.stages import load
 
     ckpt = tmp_path / "repvit_m0_6_distill_300e.pth"
     torch.save({"model": randomize_bn(create_model("m0.6", seed=5), seed=5).state_dict()}, ckpt)
@@ -228,7 +227,7 @@ def test_official_weights_offline_online_offline(tmp_path, monkeypatch):
     sections = {"load": load.LoadConfig(variant="m0.6", checkpoint="official")}
 
     def run():
-        (record,) = run_stages([STAGES["load"]], sections, cache, log=lambda m: None).values()
+        (record,) = run_stages([STAGES["load"]], sections, cache).values()
         return record
 
     offline = run()
@@ -249,7 +248,7 @@ def test_a_failing_converter_costs_only_its_format(tiny, tmp_path, monkeypatch):
     to do, the command exits non-zero, and the next run redoes only the failed format."""
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from pipeline.app.cli import main
     from pipeline.formats import tflite
 
     def broken(self, model, ctx, cfg):

@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from pipeline import download
+from pipeline.io import download
 from pipeline.variants import VARIANTS, Weights
 
 PAYLOAD = b"repvit weights " * 4096

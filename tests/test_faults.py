@@ -12,7 +12,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from pipeline.app.cli import main
 
 from .test_deploy import FAST, ROOT, tiny  # noqa: F401  (tiny: the module fixture)
 
@@ -25,6 +25,37 @@ def deploy_args(tiny, artifacts, *sets, data=None):
 
 def no_temporaries(root):
     return [p for p in root.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+
+
+@pytest.mark.parametrize("bad", ["empty folder", "foreign classes", "only class folders, no images"])
+def test_bad_data_is_an_error_before_any_export(tiny, tmp_path, bad):
+    """DATA is listed and matched against the model's classes right after load: nothing
+    after it runs (before 2026-12 an empty DATA failed at stage 7, after every export)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    if bad == "foreign classes":
+        (data / "zebra").mkdir()
+        (tiny / "data" / "class0" / "0.jpg").link_to(data / "zebra" / "0.jpg")
+    elif bad == "only class folders, no images":
+        (data / "class0").mkdir()
+    artifacts = tmp_path / "artifacts"
+    result = CliRunner().invoke(main, deploy_args(tiny, artifacts, "export.formats=[coreml,onnx,tflite]", data=data))
+    assert result.exit_code == 2, result.output
+    expected = {"empty folder": "no images under", "foreign classes": "are not classes of this model",
+                "only class folders, no images": "no images under"}[bad]
+    assert expected in result.output and str(data) in result.output
+    assert sorted(p.name for p in (artifacts / "cache").iterdir() if p.is_dir()) == ["load"]
+    assert not (artifacts / "m0.6-fp32").exists()
+
+
+def test_quiet_shows_the_error_and_not_the_progress(tiny, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    args = deploy_args(tiny, tmp_path / "artifacts", data=data)
+    loud, quiet = CliRunner().invoke(main, args), CliRunner().invoke(main, ["-q", *args])
+    assert loud.exit_code == quiet.exit_code == 2
+    assert "load      " in loud.output and "load      " not in quiet.output
+    assert "error: no images under" in quiet.output
 
 
 @pytest.mark.parametrize("bad", ["empty", "corrupt"])
@@ -41,7 +72,7 @@ def test_a_bad_image_in_data_names_the_file(tiny, tmp_path, bad):
 
 
 def test_disk_full_while_publishing_keeps_the_last_deploy_whole(tiny, tmp_path, monkeypatch):
-    import pipeline.deploy as deploy_mod
+    import pipeline.app.deploy as deploy_mod
 
     artifacts = tmp_path / "artifacts"
     assert CliRunner().invoke(main, deploy_args(tiny, artifacts)).exit_code == 0
@@ -59,8 +90,8 @@ def test_disk_full_while_publishing_keeps_the_last_deploy_whole(tiny, tmp_path, 
 
 
 def test_disk_full_in_one_format_says_to_free_space():
-    from pipeline.report import failures
-    from pipeline.runner import StageRecord
+    from pipeline.app.report import failures
+    from pipeline.core.runner import StageRecord
 
     records = {"export.tflite": StageRecord("export.tflite", "", False, 0.0, None,
                                             error="OSError: [Errno 28] No space left on device")}

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import latency
-from pipeline.formats import ExportContext
+from pipeline.eval import latency
+from pipeline.formats.base import ExportContext
 from pipeline.formats.coreml import CoreMLConfig, CoreMLExporter
 from pipeline.models import create_model, reparameterize
 from pipeline.variants import VARIANTS

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import scoring
-from pipeline.runtimes import MilRuntime, open_runtime
-from pipeline.runtimes import mil
+from pipeline.eval import scoring
+from pipeline.runtimes import mil, open_runtime
+from pipeline.runtimes.coreml import MilRuntime
 from pipeline.runtimes.mil import MilInterpreter, integer_convs_exact
 
 needs_onednn = pytest.mark.skipif(not integer_convs_exact(), reason="no exact oneDNN int8 convolution here")

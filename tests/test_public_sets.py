@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import public_sets, stamp
-from pipeline.config import RECIPES_DIR
-from pipeline.data import DataConfig, Preprocess, budget_set, imagenet_classes, resolve_sets
-from pipeline.deploy import RunOptions, resolve_recipe, use_public_calibration
-from pipeline.download import DownloadCorrupt, DownloadUnavailable, Pins
-from pipeline.listing import forget_listings
+from pipeline.app import stamp
+from pipeline.app.deploy import RunOptions, resolve_recipe, use_public_calibration
+from pipeline.core.config import RECIPES_DIR
+from pipeline.io import public_sets
+from pipeline.io.data import DataConfig, Preprocess, budget_set, imagenet_classes, resolve_sets
+from pipeline.io.download import DownloadCorrupt, DownloadUnavailable, Pins
+from pipeline.io.listing import forget_listings
 
 WNIDS = ("n01440764", "n03888257")   # tench (0), parachute (701)
 
@@ -123,7 +124,7 @@ def recipe_for(checkpoint: str, **data):
 
 def test_official_weights_without_data_calibrate_on_the_public_set(served):
     recipe = recipe_for("official")
-    use_public_calibration(recipe, log=print)
+    use_public_calibration(recipe)
     data = recipe.sections["data"]
     assert Path(data.calib) == public_sets.sets_dir() / "imagenette-320"
     # The wnid folders map onto ImageNet's class indices: the held-out images are labelled,
@@ -139,14 +140,14 @@ def test_official_weights_without_data_calibrate_on_the_public_set(served):
 
 def test_named_as_calib_it_is_used_for_any_checkpoint(served):
     recipe = recipe_for("random", calib="imagenette-320")
-    use_public_calibration(recipe, log=print)
+    use_public_calibration(recipe)
     assert Path(recipe.sections["data"].calib) == public_sets.sets_dir() / "imagenette-320"
 
 
 @pytest.mark.parametrize("checkpoint,data", [("random", {}), ("official", {"public_calib": "null"})])
 def test_not_used_for_random_weights_or_when_turned_off(served, checkpoint, data):
     recipe = recipe_for(checkpoint, **data)
-    use_public_calibration(recipe, log=print)
+    use_public_calibration(recipe)
     assert recipe.sections["data"].calib is None and served["requests"] == 0
 
 
@@ -162,18 +163,19 @@ def test_which_set_a_deploy_wants(calib, eval_, checkpoint, expected):
     assert public_sets.wanted(calib, eval_, "imagenette-320", checkpoint) == expected
 
 
-def test_unavailable_default_falls_back_loudly_but_named_set_is_an_error(served, monkeypatch):
+def test_unavailable_default_falls_back_loudly_but_named_set_is_an_error(served, monkeypatch, caplog):
     s = public_sets.PUBLIC_SETS["imagenette-320"]
     monkeypatch.setitem(public_sets.PUBLIC_SETS, "imagenette-320",
                         dataclasses.replace(s, url=served["base"] + "/missing.tgz"))
-    logged = []
     recipe = recipe_for("official")
-    use_public_calibration(recipe, log=logged.append)
+    with caplog.at_level("WARNING", logger="pipeline"):
+        use_public_calibration(recipe)
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert recipe.sections["data"].calib is None
     assert "could not download the public calibration set imagenette-320" in logged[0]
     assert "natural sample photos" in logged[0]
     with pytest.raises(DownloadUnavailable, match=r"CALIB=<folder of training images>"):
-        use_public_calibration(recipe_for("random", calib="imagenette-320"), log=logged.append)
+        use_public_calibration(recipe_for("random", calib="imagenette-320"))
 
 
 def test_unknown_public_calib_is_a_recipe_error():

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import runner
-from pipeline.runner import Cache, Stage, run_stages
+from pipeline.core import runner
+from pipeline.core.runner import Cache, Stage, run_stages
 
 
 @dataclass
@@ -43,7 +43,7 @@ BASE = {"a": Cfg(1), "b": Cfg(10), "c": Cfg(100), "shared": Cfg(0)}
 
 def keys(cache, sections=BASE):
     CALLS.clear()
-    return {n: r.key for n, r in run_stages(STAGES, sections, cache, log=lambda m: None).items()}
+    return {n: r.key for n, r in run_stages(STAGES, sections, cache).items()}
 
 
 @pytest.mark.parametrize("change,rerun", [
@@ -78,12 +78,12 @@ def test_cache_keys_change_exactly_when_they_should(tmp_path, monkeypatch, chang
 def test_code_change_changes_the_key():
     stage = Stage("x", make("x"), code=("pipeline.variants",))
     k1, _ = runner.stage_key(stage, Cfg(), {}, {}, {})
-    k2, _ = runner.stage_key(replace(stage, code=("pipeline.data",)), Cfg(), {}, {}, {})
+    k2, _ = runner.stage_key(replace(stage, code=("pipeline.io.data",)), Cfg(), {}, {}, {})
     assert k1 != k2
 
 
 def test_outputs_and_manifest(tmp_path):
-    records = run_stages(STAGES, BASE, Cache(tmp_path), log=lambda m: None)
+    records = run_stages(STAGES, BASE, Cache(tmp_path))
     m = json.loads((records["c"].dir / "manifest.json").read_text())
     assert m["facts"] == {"value": 111} and m["inputs"] == {"b": records["b"].key}
     assert m["outputs"][0]["path"] == "out.txt" and len(m["outputs"][0]["sha256"]) == 64
@@ -94,7 +94,7 @@ def test_force_reruns_one_stage(tmp_path):
     cache = Cache(tmp_path)
     keys(cache)
     CALLS.clear()
-    run_stages(STAGES, BASE, cache, force={"b"}, log=lambda m: None)
+    run_stages(STAGES, BASE, cache, force={"b"})
     assert CALLS == ["b"]
 
 
@@ -103,7 +103,7 @@ def test_failed_stage_leaves_no_entry(tmp_path):
         (out_dir / "half.txt").write_text("partial")
         raise RuntimeError("boom")
     with pytest.raises(RuntimeError):
-        run_stages([Stage("x", boom)], {"x": Cfg()}, Cache(tmp_path), log=lambda m: None)
+        run_stages([Stage("x", boom)], {"x": Cfg()}, Cache(tmp_path))
     assert [p.name for p in (tmp_path / "x").iterdir() if not p.name.endswith(".lock")] == []
 
 
@@ -119,17 +119,17 @@ def test_resumable_stage_keeps_its_scratch_until_it_completes(tmp_path):
 
     stage = Stage("t", train, resumable=True)
     with pytest.raises(KeyboardInterrupt):
-        run_stages([stage], {"t": Cfg()}, Cache(tmp_path), log=lambda m: None)
+        run_stages([stage], {"t": Cfg()}, Cache(tmp_path))
     assert not list((tmp_path / "t").glob("*/manifest.json")), "no entry from the interrupted run"
-    run_stages([stage], {"t": Cfg()}, Cache(tmp_path), log=lambda m: None)
+    run_stages([stage], {"t": Cfg()}, Cache(tmp_path))
     assert seen == [[], ["checkpoint"]], "the second run found the first one's checkpoint"
     assert not list((tmp_path / "t").glob(".*.resume")), "scratch removed once the entry is whole"
     # Optional inputs: a stage that `uses` another gets it only where the recipe ran it.
     got = {}
     reader = Stage("r", lambda cfg, inputs, out_dir: got.update(inputs) or {}, uses=("t",))
-    run_stages([reader], {"r": Cfg()}, Cache(tmp_path / "2"), log=lambda m: None)
+    run_stages([reader], {"r": Cfg()}, Cache(tmp_path / "2"))
     assert got == {}
-    run_stages([stage, reader], {"t": Cfg(), "r": Cfg()}, Cache(tmp_path), log=lambda m: None)
+    run_stages([stage, reader], {"t": Cfg(), "r": Cfg()}, Cache(tmp_path))
     assert set(got) == {"t"}
 
 
@@ -137,7 +137,10 @@ TOY = textwrap.dedent("""
     import sys, time
     from dataclasses import dataclass
     from pathlib import Path
-    from pipeline.runner import Cache, Stage, run_stages
+    from pipeline.core.log import configure
+    from pipeline.core.runner import Cache, Stage, run_stages
+
+    configure()   # the runner's messages, on stderr (joined to stdout by spawn)
 
     @dataclass
     class Cfg:
@@ -151,7 +154,7 @@ TOY = textwrap.dedent("""
         (out_dir / "part2.txt").write_text("done")
         return {"ok": True}
 
-    run_stages([Stage("slow", slow)], {"slow": Cfg()}, Cache(Path(sys.argv[1])), log=print)
+    run_stages([Stage("slow", slow)], {"slow": Cfg()}, Cache(Path(sys.argv[1])))
     print("FINISHED", flush=True)
 """)
 
@@ -161,7 +164,7 @@ def spawn(tmp_path, pause):
     script.write_text(TOY)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     return subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache"), str(tmp_path / "runs.log"),
-                             str(pause)], stdout=subprocess.PIPE, text=True, env=env)
+                             str(pause)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def wait_for(path, timeout=30):
@@ -232,7 +235,7 @@ def test_units_of_one_section_are_keyed_by_their_own_part_and_fail_alone(tmp_pat
 
     def run(pair, force=frozenset()):
         CALLS.clear()
-        return run_stages(stages, {"u": pair, "b": Cfg(0)}, cache, force=force, log=lambda m: None)
+        return run_stages(stages, {"u": pair, "b": Cfg(0)}, cache, force=force)
 
     run(Pair())
     assert CALLS == ["left", "right", "after"]
@@ -245,4 +248,4 @@ def test_units_of_one_section_are_keyed_by_their_own_part_and_fail_alone(tmp_pat
     run(Pair(right=3), force={"u"})
     assert sorted(CALLS) == ["left", "right"]   # their dependants keep their keys: cached
     with pytest.raises(RuntimeError, match="left broke"):   # a stage not isolated still stops the run
-        run_stages([replace(stages[0], isolated=False)], {"u": Pair(left=-1)}, cache, log=lambda m: None)
+        run_stages([replace(stages[0], isolated=False)], {"u": Pair(left=-1)}, cache)

@@ -2,7 +2,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.runtimes import OnnxRuntime
+from pipeline.runtimes.ort import OnnxRuntime
 
 META = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 

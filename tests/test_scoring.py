@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline.scoring import score, shard
+from pipeline.eval.scoring import score, shard
 
 from .formats.test_exporters import export
 

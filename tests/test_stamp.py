@@ -3,9 +3,9 @@ import os
 
 import pytest
 
-from pipeline.config import RECIPES_DIR
-from pipeline.listing import forget_listings
-from pipeline.stamp import inputs_stamp
+from pipeline.app.stamp import inputs_stamp
+from pipeline.core.config import RECIPES_DIR
+from pipeline.io.listing import forget_listings
 
 INT8 = RECIPES_DIR / "int8.yaml"
 

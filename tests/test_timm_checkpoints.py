@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoints as ck
+from pipeline.io import checkpoints as ck
 from pipeline.models import reparameterize
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -109,7 +109,7 @@ def test_hf_hub_checkpoint_offline_from_the_hub_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub_constants
     from safetensors.torch import save_file
 
-    from pipeline.download import DownloadUnavailable
+    from pipeline.io.download import DownloadUnavailable
     from pipeline.stages import load
 
     weights = tmp_path / "model.safetensors"

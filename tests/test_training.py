@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoints import save_pipeline_checkpoint
-from pipeline.formats import ExportContext, get_exporter, normalized
-from pipeline.formats.onnx import OnnxConfig, run_onnx
-from pipeline.stages.validate import fidelity
-from pipeline.training import CHECKPOINT, RESULT, Job, Schedule, batch_indices, train
+from pipeline.eval.metrics import fidelity
+from pipeline.formats import get_exporter
+from pipeline.formats.base import ExportContext
+from pipeline.formats.onnx import OnnxConfig
+from pipeline.io.checkpoints import save_pipeline_checkpoint
+from pipeline.io.data import normalized
+from pipeline.quant.training import CHECKPOINT, RESULT, Job, Schedule, batch_indices, train
+from pipeline.runtimes.ort import run_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,8 +67,8 @@ def test_batches_cover_the_set_and_depend_only_on_seed_and_step():
 def test_fake_quantization_is_on_from_the_first_step(backend, trained):
     """Both backends round from the start (coremltools' prepare leaves it off), and a
     measurement does not move the ranges."""
-    from pipeline.fakequant import get_backend
-    from pipeline.training import Job, agreement
+    from pipeline.quant.fakequant import get_backend
+    from pipeline.quant.training import Job, agreement
 
     b = get_backend(backend)
     x = torch.from_numpy(normalized(trained.calibration[:32], trained.meta))
@@ -90,7 +93,8 @@ def test_weight_grids_are_the_current_weights_own_even_after_freezing(backend, t
     after the weights move (and the observers are frozen, which freezes activation ranges
     only), each weight scale is the current weights' own. (Before: a moving average that
     lagged the weights, and a floor of 2^-12 that torchao's channels of small weights hit.)"""
-    from pipeline.fakequant import activation_fake_quants, freeze_observers, get_backend, weight_fake_quants
+    from pipeline.quant.fakequant import (activation_fake_quants, freeze_observers, get_backend,
+                                          weight_fake_quants)
 
     b = get_backend(backend)
     x = torch.from_numpy(normalized(trained.calibration[:4], trained.meta))
@@ -125,7 +129,7 @@ def test_percentile_ranges_are_the_images_extremes_and_stay_frozen(backend, trai
     """qat.ranges: percentile sets each activation range from per-image extremes on the
     float flow (the network input's range is checked against numpy), fake quantization
     stays on, and a training-mode forward pass moves no activation range."""
-    from pipeline.fakequant import activation_fake_quants, get_backend, set_percentile_ranges
+    from pipeline.quant.fakequant import activation_fake_quants, get_backend, set_percentile_ranges
 
     b = get_backend(backend)
     x = torch.from_numpy(normalized(trained.calibration[:64], trained.meta))
@@ -151,7 +155,7 @@ def test_value_percentile_ranges_clip_that_share_of_the_float_values(trained):
     """qat.ranges: value_percentile fixes each activation range to the one that clips that
     share of all values on the float flow: checked on the network input against numpy's
     order statistics of the pooled pixels."""
-    from pipeline.fakequant import activation_fake_quants, get_backend, set_percentile_ranges
+    from pipeline.quant.fakequant import activation_fake_quants, get_backend, set_percentile_ranges
 
     b = get_backend("torchao")
     x = torch.from_numpy(normalized(trained.calibration[:64], trained.meta))
@@ -169,7 +173,7 @@ def test_value_percentile_ranges_clip_that_share_of_the_float_values(trained):
 def test_percentile_qat_trains_under_the_ranges_it_hands_over(trained, tmp_path):
     """A whole percentile-range run: the ranges handed to the export are those set from the
     calibration images before the first step, never moved by training."""
-    from pipeline.fakequant import get_backend, set_percentile_ranges
+    from pipeline.quant.fakequant import get_backend, set_percentile_ranges
 
     folder = make_job(tmp_path / "job", trained, lr=1e-5, ranges="percentile", range_percentile=99.0, steps=10,
                       warmup_steps=2, freeze_observers_step=8)
@@ -234,8 +238,8 @@ def test_qat_recovers_post_training_loss_on_the_reference(shared_data, tmp_path)
     test images."""
     import tarfile
 
-    from pipeline.checkpoints import load_model
-    from pipeline.data import Preprocess, image_folder, load_pixels
+    from pipeline.io.checkpoints import load_model
+    from pipeline.io.data import Preprocess, image_folder, load_pixels
     from pipeline.models import reparameterize
 
     with tarfile.open(shared_data / "cifar10-jpg.tar.gz") as tar:
@@ -295,7 +299,7 @@ def test_ddp_with_two_cpu_processes_keeps_weights_in_step(trained, tmp_path):
     folder = make_job(tmp_path / "ddp", trained, steps=6, freeze_observers_step=4, checkpoint_every=100)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=2", "-m", "pipeline.training", str(folder)],
+                          "--nproc_per_node=2", "-m", "pipeline.quant.training", str(folder)],
                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     facts = torch.load(folder / RESULT, weights_only=True)["facts"]

@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.report import budget_of, margin_table
-from pipeline.stages.validate import agreement_by_float_margin, fidelity, paired_drop
+from pipeline.app.report import budget_of, margin_table
+from pipeline.eval.metrics import agreement_by_float_margin, fidelity, paired_drop
 
 
 def one_hot(pred, classes=3):
@@ -67,9 +67,9 @@ def test_reference_compiled_for_large_sets_matches_eager(trained, tmp_path):
 
     import torch
 
-    from pipeline.checkpoints import save_pipeline_checkpoint
-    from pipeline.formats import normalized
-    from pipeline.runner import MANIFEST
+    from pipeline.core.runner import MANIFEST
+    from pipeline.io.checkpoints import save_pipeline_checkpoint
+    from pipeline.io.data import normalized
     from pipeline.stages import reference
 
     reparam, images = tmp_path / "reparam", tmp_path / "images"

@@ -9,7 +9,6 @@ single averaged std that common examples pass as the image scale.
 """
 from __future__ import annotations
 
-import copy
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..quiet import quiet
-from . import (ExportContext, ExportError, ExportResult, SchemeSupport, check_parity, input_ranges, normalized,
-               ranged_per_tensor, torch_logits)
+from pipeline.core.quiet import quiet
+from pipeline.formats.base import (ExportContext, ExportError, ExportResult, SchemeSupport, check_parity,
+                                   torch_logits)
+from pipeline.io.data import normalized
+from pipeline.models.wrap import StdFoldedClassifier
+from pipeline.quant.ranges import input_ranges, ranged_per_tensor
 
 TARGETS = ("iOS16", "iOS17", "iOS18")
 PREVIEW_KEY = "com.apple.coreml.model.preview.type"
@@ -36,12 +38,7 @@ class CoreMLConfig:
     license: Optional[str] = None        # default: the weights' license
     version: str = "1.0"
     palette_group_size: int = 16   # pal*: channels per palette on iOS18
-    # int8 (W8A8) activation ranges, coremltools' LinearQuantizer options. Measured by
-    # bench/bench_calibration.py (trained reference, 10,000 test images, simulated):
-    # symmetric + moving_average_min_max
-    # (coremltools' defaults) lost 0.35 ± 0.16 top-1 points (96.3% agreement with float),
-    # symmetric + min_max 0.56 ± 0.17 (95.5%), affine + moving_average_min_max 0.18 ± 0.14
-    # (97.1%; zero points on every activation, whose Neural Engine speed is unmeasured here).
+    # int8 (W8A8) activations: coremltools' LinearQuantizer scheme and observer.
     quantization_scheme: Literal["symmetric", "affine"] = "symmetric"
     activation_observer: Literal["moving_average_min_max", "min_max", "ema_min_max"] = "moving_average_min_max"
     # A number: each activation's range becomes that percentile of the calibration images'
@@ -49,7 +46,7 @@ class CoreMLConfig:
     # TFLite export calibrates. null: the observer's ranges.
     activation_percentile: Optional[float] = None
     # A number: each activation's range clips that percentile's share of all its values over
-    # the calibration images (onnxruntime's percentile calibration: formats.ValueTails);
+    # the calibration images (onnxruntime's percentile calibration: quant.ranges.ValueTails);
     # wins over ``activation_percentile``. null: as above.
     activation_value_percentile: Optional[float] = None
     # Simulated parity gate for the fp32 program (interpreter vs PyTorch probabilities).
@@ -58,7 +55,7 @@ class CoreMLConfig:
     # validation): "int8", its convolutions as int8 x int8 sums (the A17 Pro / M4 Neural
     # Engine's int8-int8 path, where W8A8 pays; the float path where oneDNN cannot sum
     # exactly), or "fp16", the program's literal arithmetic (dequantize to fp16, then
-    # convolve: older chips, GPU, CPU). README: the two differ per image, not on average.
+    # convolve: older chips, GPU, CPU).
     simulation: Literal["int8", "fp16"] = "int8"
 
     def validate(self):
@@ -69,30 +66,13 @@ class CoreMLConfig:
                              "90-100 (99.999 keeps all but the most extreme 0.001% of each activation's values)")
 
 
-class CoreMLClassifier(nn.Module):
-    """fused RepViT with 1/std folded into the stem and a softmax on top. Its input is
-    ``pixel/255 - mean`` (what the image input produces)."""
-
-    def __init__(self, fused: nn.Module, std: list[float]):
-        super().__init__()
-        self.model = copy.deepcopy(fused).eval()
-        stem = self.model.features[0][0]
-        if not isinstance(stem, nn.Conv2d):
-            raise ExportError("Core ML export needs the fused model (stem is not a plain Conv2d)")
-        with torch.no_grad():
-            stem.weight.div_(torch.tensor(std, dtype=stem.weight.dtype).reshape(1, 3, 1, 1))
-
-    def forward(self, x):
-        return torch.softmax(self.model(x), dim=1)
-
-
 def precision_of(ctx: ExportContext, cfg: CoreMLConfig) -> str:
     return cfg.precision or ("fp32" if ctx.scheme == "fp32" else "fp16")
 
 
 def image_probabilities(path: Path, pixels: np.ndarray, simulation: str = "int8") -> np.ndarray:
     """Class probabilities for uint8 NHWC ``pixels`` from the MIL interpreter (simulated)."""
-    from ..runtimes import MilRuntime
+    from pipeline.runtimes.coreml import MilRuntime
 
     return MilRuntime(path, {}, simulation=simulation).predict(pixels)
 
@@ -122,7 +102,6 @@ def _set_metadata(ml, ctx: ExportContext, cfg: CoreMLConfig, precision: str) -> 
 
 class CoreMLExporter(SchemeSupport):
     name, suffix = "coreml", ".mlpackage"
-    schemes = ("fp32", "fp16", "int8", "qat-int8", "w8", "pal4", "pal6", "pal8")
 
     def export(self, model: nn.Module, ctx: ExportContext, cfg: CoreMLConfig) -> ExportResult:
         with quiet():
@@ -131,7 +110,7 @@ class CoreMLExporter(SchemeSupport):
         m = ctx.meta
         size = m["input_size"]
         precision = precision_of(ctx, cfg)
-        wrapped = CoreMLClassifier(model, m["std"]).eval()
+        wrapped = StdFoldedClassifier(model, m["std"]).eval()
         if ctx.int8:
             if cfg.deployment_target == "iOS16":
                 raise ExportError("Core ML W8A8 (int8 activations) needs iOS17 or later: set "
@@ -255,7 +234,7 @@ def execution(path: Path) -> dict:
     so the Neural Engine can run them on int8 data) and which stay fp16, read from the MIL
     program. coremltools' post-training W8A8 puts no quantize/dequantize around GELU,
     ReLU or sigmoid. The image input's own scale and bias are left out of the count."""
-    from ..runtimes.mil import MilInterpreter
+    from pipeline.runtimes.mil import MilInterpreter
 
     interp = MilInterpreter(path)
     producer = {v.name: op for op in interp.ops for v in op.outputs}
@@ -279,7 +258,7 @@ def execution(path: Path) -> dict:
 def check_package(path: Path, fused: nn.Module, ctx: ExportContext, precision: str,
                   weights_exact: bool = True) -> dict:
     """Read the saved package back and check what an app relies on; raises on mismatch."""
-    from ..runtimes.mil import MilInterpreter
+    from pipeline.runtimes.mil import MilInterpreter
 
     interp = MilInterpreter(path)
     desc = interp.spec.description
@@ -299,7 +278,7 @@ def check_package(path: Path, fused: nn.Module, ctx: ExportContext, precision: s
     if counts.get("conv", 0) != n_convs:
         problems.append(f"{counts.get('conv', 0)} conv ops for {n_convs} fused convolutions")
     # Weights read back vs the fused PyTorch weights (stem after the 1/std folding).
-    expected = CoreMLClassifier(fused, ctx.meta["std"]).model
+    expected = StdFoldedClassifier(fused, ctx.meta["std"]).model
     torch_convs = [mod for mod in expected.modules() if isinstance(mod, nn.Conv2d)]
     mil_convs = [op for op in interp.ops if op.op_type == "conv"]
     worst = 0.0

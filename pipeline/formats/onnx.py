@@ -12,12 +12,14 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from ..hashing import sha256_state
-from ..quiet import quiet
-from . import (ExportContext, ExportError, ExportResult, SchemeSupport, check_parity, model_metadata,
-               normalized, torch_logits)
+from pipeline.core.hashing import sha256_state
+from pipeline.core.quiet import quiet
+from pipeline.formats.base import (ExportContext, ExportError, ExportResult, SchemeSupport, check_parity,
+                                   model_metadata, torch_logits)
+from pipeline.io.data import normalized
+from pipeline.runtimes.ort import INPUT, run_onnx
 
-INPUT, OUTPUT = "input", "logits"
+OUTPUT = "logits"
 
 
 @dataclass
@@ -26,23 +28,18 @@ class OnnxConfig:
     simplify: Literal["auto", "never"] = "auto"
     # fp32 parity gate: max |onnxruntime - PyTorch| relative to max |logit|.
     tolerance: float = 1e-4
-    # int8: onnxruntime fuses Conv into its int8 kernel only with uint8 activations
-    # (int8 activations ran 1.3x slower than fp32 here; uint8 at 0.47-0.49x).
+    # int8: the activations' integer type (onnxruntime fuses Conv into its integer kernel
+    # only with uint8: docs/recipe-keys.md).
     activations: Literal["uint8", "int8"] = "uint8"
-    # Activation ranges, onnxruntime's calibrators (bench/bench_calibration.py, trained
-    # reference after equalization, 10,000 test images, agreement with float): percentile
-    # 99.999 97.7% (97.7 / 97.5% calibrated on 64 / 1024 images), 99.99 97.6%, entropy 97.4%,
-    # min/max 97.3%. (onnxruntime's "distribution" method gave 77%: not offered.)
+    # int8 activation ranges: onnxruntime's calibrator, and the share of values
+    # ``percentile`` keeps (docs/recipe-keys.md: what each measured).
     calibration: Literal["minmax", "percentile", "entropy"] = "percentile"
     percentile: float = 99.999
     # Calibration images whose intermediate outputs onnxruntime holds at once before turning
-    # them into histograms (0: all). Peak memory grows with it: m0.9 at 224 px, 256 images,
-    # 0 -> 13 GB, 16 -> 1.7 GB (the whole default deploy: 1.76 GB).
+    # them into histograms (0: all); peak memory grows with it.
     calibration_stride: int = 16
-    # qat-int8: QAT's learned activation ranges replace onnxruntime's calibrated ones for
-    # every conv / linear input and output (TensorQuantOverrides); other tensors calibrate.
-    # Off: on the reference (10,000 test images) QAT's ranges gave 96.99% agreement with
-    # float, onnxruntime's percentile calibration of the same QAT model 97.21%.
+    # qat-int8: QAT's activation ranges replace onnxruntime's calibrated ones for every
+    # conv / linear input and output (TensorQuantOverrides); other tensors calibrate.
     qat_ranges: bool = False
 
     def validate(self):
@@ -134,23 +131,6 @@ def execution(path: Path) -> dict:
             "how": "read from the graph onnxruntime optimizes the model into"}
 
 
-def session(path: Path, threads: int = 1):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    # Spinning threads made 2 threads 3-4x slower than 1 on shared 2-core machines.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
-    sess = session(path)
-    return np.concatenate([sess.run(None, {INPUT: x[i:i + 16]})[0] for i in range(0, len(x), 16)])
-
-
 def calibration_stride(n: int, most: int = 16) -> int:
     """The largest divisor of ``n`` up to ``most`` (onnxruntime needs equal strides)."""
     return max(d for d in range(1, min(n, most) + 1) if n % d == 0)
@@ -217,8 +197,8 @@ def quantize_int8(path: Path, calibration: np.ndarray, cfg: OnnxConfig,
     """Static QDQ quantization in place: per-channel symmetric int8 weights, per-tensor
     activations calibrated on ``calibration`` (float NCHW, normalized), except those
     ``ranges`` gives (QAT's); returns how many tensors took their range from there."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -314,10 +294,6 @@ def unquantize_outputs(proto, names: list[str]) -> None:
 
 class OnnxExporter(SchemeSupport):
     name, suffix = "onnx", ".onnx"
-    schemes = ("fp32", "fp16", "int8", "qat-int8")
-    cannot = {"pal": "ONNX has no palettized (look-up-table) weight type",
-              "w8": "onnxruntime has no weight-only int8 Conv kernel (its dynamic quantization "
-                    "also quantizes activations: a different scheme)"}
 
     def export(self, model: torch.nn.Module, ctx: ExportContext, cfg: OnnxConfig) -> ExportResult:
         import onnx

@@ -17,13 +17,16 @@ from typing import Literal
 
 import numpy as np
 import torch
-
 from torch import nn
 
-from ..quiet import quiet
-from . import (ExportContext, ExportError, ExportResult, SchemeSupport, ValueTails, check_parity,
-               model_metadata, normalized, percentile_range, softmax, torch_logits)
-from .tflite_metadata import ClassifierMetadata, embed
+from pipeline.core.quiet import quiet
+from pipeline.eval.metrics import softmax
+from pipeline.formats.base import (ExportContext, ExportError, ExportResult, SchemeSupport, check_parity,
+                                   model_metadata, torch_logits)
+from pipeline.formats.tflite_metadata import ClassifierMetadata, embed
+from pipeline.io.data import normalized
+from pipeline.quant.ranges import ValueTails, percentile_range
+from pipeline.runtimes.litert import interpreter, run_tflite
 
 LABELS_FILE = "labels.txt"
 
@@ -35,9 +38,9 @@ class TFLiteClassifier(nn.Module):
 
     def __init__(self, fused: nn.Module, mean: list[float], std: list[float], scaled_input: bool = False):
         super().__init__()
-        from .coreml import CoreMLClassifier
+        from pipeline.models.wrap import StdFoldedClassifier
 
-        self.model = CoreMLClassifier(fused, std).model   # 1/std folded into the stem
+        self.model = StdFoldedClassifier(fused, std).model   # 1/std folded into the stem
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1))
         self.scaled_input = scaled_input
 
@@ -55,26 +58,17 @@ def classifier_probabilities(fused: nn.Module, pixels: np.ndarray, meta: dict) -
 @dataclass
 class TFLiteConfig:
     tolerance: float = 1e-4     # fp32 parity gate, relative to max |probability|
-    # int8: LiteRT's XNNPACK delegate has no int8 GELU kernel, so an int8 GELU runs on
-    # TFLite's built-in kernel between two delegate partitions (RepViT-M0.9: 28 partitions).
-    # "float" keeps GELU in float32 inside the int8 graph: DEQUANTIZE -> GELU -> QUANTIZE,
-    # which XNNPACK runs, so the whole model is one partition. The GELU output is quantized
-    # with the same calibrated range either way. Measured here (m0.9, 224 px, int8 input,
-    # alternating with fp32 in one run): int8/fp32 0.35 (1 thread) and 0.36 (2 threads) with
-    # float GELU; 0.39 / 0.48 with int8 GELU. README "int8 speed" has the shipped figures.
+    # int8: "float" keeps GELU in float32 inside the int8 graph (DEQUANTIZE -> GELU ->
+    # QUANTIZE, which XNNPACK runs: one delegate partition); "int8" quantizes it (XNNPACK
+    # has no int8 GELU kernel: TFLite's built-in kernel between two partitions). The GELU
+    # output is quantized with the same calibrated range either way.
     gelu: Literal["float", "int8"] = "float"
-    # int8 activation ranges (bench/bench_calibration.py, reference, 10,000 test images, README
-    # "int8 fidelity"). ai-edge-quantizer's own statistics ("moving_average": each image's
-    # min/max folded in with factor 0.95) clip whatever is rarer than a typical image: the
-    # reference's logits got [-1.5, 3.0] for float logits spanning [-3.1, 6.4] (95.3%
-    # agreement with float). "min_max", every tensor's min/max over all the images, widens
-    # with every outlier image: 97.4 / 97.2 / 96.3% agreement calibrated on 64 / 256 / 1024
-    # images. "percentile" (default) takes the ``percentile`` of the images' own minima and
-    # maxima per tensor: the range that covers 99% of images, stable as the set grows
-    # (97.7 / 97.6% on 256 / 1024 images; 95: 97.4%, 99.9: 96.9%).
-    # "value_percentile" clips ``value_percentile``'s share of all the values each tensor
-    # takes over the calibration images (onnxruntime's percentile calibration, computed
-    # exactly: formats.ValueTails).
+    # int8 activation ranges: "percentile", the ``percentile`` of the calibration images'
+    # own minima and maxima per tensor (the range that covers that share of the images);
+    # "min_max", every tensor's min/max over all the images; "moving_average",
+    # ai-edge-quantizer's own statistics (each image's min/max folded in with factor 0.95);
+    # "value_percentile", the range that clips ``value_percentile``'s share of all the values
+    # each tensor takes (onnxruntime's percentile calibration, exact: quant.ranges.ValueTails).
     calibration: Literal["percentile", "min_max", "moving_average", "value_percentile"] = "percentile"
     percentile: float = 99.0
     value_percentile: float = 99.999
@@ -86,53 +80,6 @@ class TFLiteConfig:
         if not 90.0 <= self.value_percentile <= 100.0:
             raise ValueError(f"value_percentile {self.value_percentile} is outside 90-100 (99.999 "
                              "keeps all but the most extreme 0.001% of each activation's values)")
-
-
-def interpreter(path: Path, threads: int = 1):
-    from ai_edge_litert.interpreter import Interpreter
-
-    with quiet():  # "Created TensorFlow Lite XNNPACK delegate" on fd 2
-        it = Interpreter(model_path=str(path), num_threads=threads)
-    it.allocate_tensors()
-    return it
-
-
-def to_input(pixels: np.ndarray, detail: dict) -> np.ndarray:
-    """uint8 NHWC pixels -> what the input tensor holds: the bytes themselves (uint8,
-    full-integer models) or their values as float32."""
-    if detail["dtype"] == np.uint8:   # the bytes as they are; the scale (1/255) is the model's
-        scale, zero = detail["quantization"]
-        if zero != 0 or abs(scale * 255 - 1) > 1e-6:
-            raise ExportError(f"uint8 input with scale {scale} and zero point {zero}: expected pixel bytes "
-                              "(scale 1/255, zero point 0)")
-        return np.ascontiguousarray(pixels, np.uint8)
-    if detail["dtype"] == np.float32:
-        return np.ascontiguousarray(pixels, np.float32)
-    raise ExportError(f"input tensor of type {detail['dtype']}: this pipeline writes uint8 or float32 "
-                      "pixel inputs (re-export the artifact)")
-
-
-def from_output(y: np.ndarray, detail: dict) -> np.ndarray:
-    if detail["dtype"] == np.float32:
-        return y.astype(np.float32)
-    scale, zero = detail["quantization"]
-    return (y.astype(np.float32) - zero) * scale
-
-
-def run_tflite(path: Path, pixels: np.ndarray, threads: int = 1) -> np.ndarray:
-    """Class probabilities for uint8 NHWC ``pixels`` (one image at a time, as an app runs it)."""
-    return predict(interpreter(path, threads), pixels)
-
-
-def predict(it, pixels: np.ndarray) -> np.ndarray:
-    """``run_tflite`` on an open interpreter."""
-    inp, out = it.get_input_details()[0], it.get_output_details()[0]
-    outs = []
-    for i in range(len(pixels)):
-        it.set_tensor(inp["index"], to_input(pixels[i:i + 1], inp))
-        it.invoke()
-        outs.append(from_output(it.get_tensor(out["index"]), out))
-    return np.concatenate(outs)
 
 
 def execution(path: Path) -> dict:
@@ -235,8 +182,6 @@ def float_layer_patterns(model: torch.nn.Module, layers: tuple[str, ...], float_
 
 class TFLiteExporter(SchemeSupport):
     name, suffix = "tflite", ".tflite"
-    schemes = ("fp32", "fp16", "int8", "qat-int8", "w8")
-    cannot = {"pal": "TFLite has no palettized (look-up-table) weight type"}
 
     def export(self, model: torch.nn.Module, ctx: ExportContext, cfg: TFLiteConfig) -> ExportResult:
         with quiet():

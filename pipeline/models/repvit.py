@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..variants import Variant, get_variant
-from .fusion import conv_from, fold_bn_linear, fold_conv_bn, linear_from
+from pipeline.models.fusion import conv_from, fold_bn_linear, fold_conv_bn, linear_from
+from pipeline.variants import Variant, get_variant
 
 
 class ConvBN(nn.Sequential):

@@ -12,7 +12,7 @@ where oneDNN can (``integer_convs``): the int8 activations times the int8 weight
 exactly in int32, then scaled, in float32, and rounded to fp16 like any conv. The float
 path instead multiplies fp16-rounded dequantized values, so the two differ by rounding
 at the fp16 level (tests/test_mil.py bounds it); the integer one ran the Core ML simulation
-of m0.9 about twice as fast here (README).
+of m0.9 about twice as fast here (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class MilError(RuntimeError):
 
 def load_program(path: Path):
     """(spec, MIL program) of a saved ``.mlpackage``, without Core ML."""
-    from ..quiet import quiet
+    from pipeline.core.quiet import quiet
 
     with quiet():
         import coremltools as ct

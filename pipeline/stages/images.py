@@ -13,10 +13,10 @@ from typing import Optional
 
 import numpy as np
 
-from ..checkpoints import parse, read_file
-from ..data import DataConfig, decode_into, fingerprint_data, resolve_sets, sample_images, workers_for
-from ..progress import Progress
-from .reparam import preprocess_of
+from pipeline.core.progress import Progress
+from pipeline.io.data import (DataConfig, decode_into, fingerprint_data, preprocess_of, resolve_sets,
+                              sample_images, workers_for)
+from pipeline.io.scored import scoring_meta
 
 
 @dataclass
@@ -33,14 +33,6 @@ def narrow(cfg) -> ImagesConfig:
 
 def fingerprint(cfg: ImagesConfig, data: DataConfig) -> dict:
     return fingerprint_data(data)
-
-
-def scoring_meta(reparam_dir: Path, crop_pct: Optional[float]) -> dict:
-    """The fused model's preprocessing facts, with validate's evaluation crop if set."""
-    meta = dict(parse(read_file(reparam_dir / "fused.pt")).meta)
-    if crop_pct:
-        meta["crop_pct"] = crop_pct
-    return meta
 
 
 def run(cfg: ImagesConfig, inputs: dict, out_dir: Path, data: DataConfig) -> dict:
@@ -69,8 +61,3 @@ def run(cfg: ImagesConfig, inputs: dict, out_dir: Path, data: DataConfig) -> dic
             "preprocess": {k: meta[k] for k in ("input_size", "crop_pct", "interpolation", "mean", "std")}}
 
 
-def scored(images_dir: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """(pixels, memory-mapped uint8 NHWC; labels or None) of an ``images`` entry."""
-    labels = images_dir / "labels.npy"
-    return (np.load(images_dir / "pixels.npy", mmap_mode="r"),
-            np.load(labels) if labels.exists() else None)

@@ -2,18 +2,21 @@
 preprocessing and labels that go with them; write a pipeline checkpoint."""
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoints import build_model, parse, read_file, save_pipeline_checkpoint
-from ..data import imagenet_classes
-from ..download import HUB_PREFIX, DownloadUnavailable, fetch_hub, fetch_official, hub_meta, parse_hub_spec
-from ..hashing import sha256_file
-from ..models.init import randomize_bn
-from ..models.repvit import create_model
-from ..variants import get_variant
+from pipeline.core.hashing import sha256_file
+from pipeline.io.checkpoints import build_model, parse, read_file, save_pipeline_checkpoint
+from pipeline.io.data import imagenet_classes
+from pipeline.io.download import (HUB_PREFIX, DownloadUnavailable, fetch_hub, fetch_official, hub_meta,
+                                  parse_hub_spec)
+from pipeline.models.init import randomize_bn
+from pipeline.models.repvit import create_model
+from pipeline.variants import get_variant
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,8 +91,8 @@ def _resolve_weights(cfg: LoadConfig):
         path, digest = _official(cfg.variant)
         if path is None:
             reason = digest.removeprefix("unavailable: ")
-            print(f"WARNING: {reason}\nWARNING: continuing on seeded UNTRAINED weights: accuracy "
-                  "figures will be meaningless.", file=sys.stderr)
+            log.warning(f"{reason}\ncontinuing on seeded UNTRAINED weights: accuracy figures will be "
+                        "meaningless.")
             return None, Weights("random", None, False, f"official weights unavailable: {reason}")
         return parse(read_file(path), str(path)), Weights(f"official:{variant.weights.url}", digest, True)
     if cfg.checkpoint.startswith(HUB_PREFIX):

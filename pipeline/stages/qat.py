@@ -11,7 +11,7 @@ interruption (the runner keeps a scratch folder per cache key until the stage co
 """
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -19,39 +19,37 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..checkpoints import load_model, save_pipeline_checkpoint
-from ..data import DataConfig, calibration_pixels, fingerprint_data, resolve_sets, training_pixels
-from ..fakequant import BACKEND_OF_FORMAT
-from ..formats import normalized
-from ..formats.coreml import CoreMLConfig
-from ..models.equalize import check_alpha, equalize_residual_stream
-from ..progress import Progress
-from ..torchrun import torchrun
-from ..training import RESULT, Job, Schedule, train
-from .reparam import preprocess_of
+from pipeline.core.progress import Progress
+from pipeline.core.torchrun import torchrun
+from pipeline.formats.coreml import CoreMLConfig
+from pipeline.io.checkpoints import load_model, save_pipeline_checkpoint
+from pipeline.io.data import (DataConfig, calibration_pixels, fingerprint_data, normalized, preprocess_of,
+                              resolve_sets, training_pixels)
+from pipeline.models.equalize import check_alpha, equalize_residual_stream
+from pipeline.quant.fakequant import BACKEND_OF_FORMAT, model_file
+from pipeline.quant.training import RESULT, Job, Schedule, train
+from pipeline.schemes import FORMATS, Format
 
-Format = Literal["coreml", "onnx", "tflite"]
+log = logging.getLogger(__name__)
+
 
 
 @dataclass
 class QatConfig:
     # Formats to train for: Core ML's fake quantization is coremltools' LinearQuantizer,
     # ONNX and TFLite share torchao PT2E's (one training serves both).
-    formats: list[Format] = field(default_factory=lambda: ["coreml", "onnx", "tflite"])
+    formats: list[Format] = field(default_factory=lambda: list(FORMATS))
     train_images: int = 2048        # from CALIB (the training split), never the scored DATA
     steps: int = 300
     batch_size: int = 32            # global: split over the processes under torchrun
-    # AdamW; linear warm-up then cosine to zero. Measured on a GPU (torchao, reference,
-    # 1,024 images, 300 steps, distillation only; held-out agreement with float from 97.66%):
-    # 1e-5 -> 97.66%, 5e-5 -> 98.05%, 2e-4 -> 94.92%.
+    # AdamW's peak learning rate: linear warm-up then cosine to zero.
     lr: float = 5.0e-5
     weight_decay: float = 0.0
     warmup_steps: int = 20
     freeze_observers_step: int = 200   # activation ranges fixed for the last steps, as deployed
     temperature: float = 1.0        # distillation from the float model's logits
-    # Cross-entropy on CALIB's labels. 0 (distillation only): QAT's job is the float model's
-    # behaviour under quantization; 0.5 pulled held-out agreement from 97.66% to 91.02% on the
-    # reference (it keeps training the network on a few thousand images).
+    # Weight of cross-entropy on CALIB's labels beside distillation (0: distillation only,
+    # QAT's job being the float model's behaviour under quantization).
     ce_weight: float = 0.0
     calibration_batches: int = 4    # observer warm-up before the first step (the PTQ start)
     checkpoint_every: int = 50
@@ -62,8 +60,7 @@ class QatConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nproc_per_node: int = 1         # > 1: torchrun, one process per GPU (or CPU, gloo)
     # Start from the residual-stream-equalized model (the transform post-training int8
-    # applies, on the same calibration images): QAT then begins where PTQ ends. Without it
-    # QAT started below equalized PTQ and did not catch up (README: measured).
+    # applies, on the same calibration images): QAT then begins where PTQ ends.
     equalize: bool = True
     equalize_alpha: float = 0.5
     # Activation ranges trained against: "moving_average" (the observers follow each batch's
@@ -109,17 +106,12 @@ def fingerprint(cfg: QatConfig, data: DataConfig, coreml=None) -> dict:
     return fingerprint_data(data)
 
 
-def model_file(fmt: str) -> str:
-    """The QAT model for ``fmt`` in the qat (and quantize) output folders."""
-    return f"model.{fmt}.pt"
-
-
 def launch(job_dir: Path, nproc: int) -> None:
     """Run the job: in this process, or under torchrun with ``nproc`` processes."""
     if nproc == 1:
         train(job_dir)
         return
-    code = torchrun("pipeline.training", [str(job_dir)], nproc)
+    code = torchrun("pipeline.quant.training", [str(job_dir)], nproc)
     if code != 0:
         raise RuntimeError(f"distributed QAT failed (torchrun exit {code}); its checkpoint "
                            f"stays in {job_dir}: run again to resume")
@@ -163,9 +155,8 @@ def run(cfg: QatConfig, inputs: dict, out_dir: Path, data: DataConfig, scratch: 
             std=list(ckpt.meta["std"]), schedule=cfg.schedule(),
             coreml_scheme=coreml.quantization_scheme, coreml_observer=coreml.activation_observer,
             calibration_pixels=str(scratch / "calibration.npy") if calibrated else None).save(job_dir)
-        print(f"    QAT with {backend} fake quantization "
-              f"(for {', '.join(f for f in cfg.formats if BACKEND_OF_FORMAT[f] == backend)})",
-              file=sys.stderr)
+        log.info(f"    QAT with {backend} fake quantization "
+                 f"(for {', '.join(f for f in cfg.formats if BACKEND_OF_FORMAT[f] == backend)})")
         launch(job_dir, cfg.nproc_per_node)
         result = torch.load(job_dir / RESULT, weights_only=True)
         fused.load_state_dict(result["weights"])

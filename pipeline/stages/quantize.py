@@ -18,19 +18,14 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from ..checkpoints import load_model, parse, read_file, save_pipeline_checkpoint
-from ..runner import facts_of
-from ..data import (DataConfig, DataError, budget_set, calibration_pixels, fingerprint_data,
-                    resolve_sets)
-from ..formats import normalized
-from ..models.equalize import check_alpha, equalize_residual_stream
-from ..sensitivity import layer_sensitivity
-from ..progress import Progress
-from .reparam import preprocess_of
-
-Scheme = Literal["fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8", "qat-int8"]
-CALIBRATED = {"int8", "qat-int8"}
-IMPLEMENTED = {"fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8", "qat-int8"}
+from pipeline.core.progress import Progress
+from pipeline.core.runner import facts_of
+from pipeline.io.checkpoints import load_model, parse, read_file, save_pipeline_checkpoint
+from pipeline.io.data import (DataConfig, DataError, budget_set, calibration_pixels, fingerprint_data,
+                              normalized, preprocess_of, resolve_sets)
+from pipeline.models.equalize import check_alpha, equalize_residual_stream
+from pipeline.quant.sensitivity import layer_sensitivity
+from pipeline.schemes import CALIBRATED, SCHEMES, Scheme
 
 
 @dataclass
@@ -47,7 +42,7 @@ class QuantizeConfig:
     # A budget still missed after the pass: warn and ship the best attempt, or fail.
     on_budget_miss: Literal["warn", "error"] = "warn"
     # int8: equalize the residual stream's channel ranges on the calibration images before
-    # any format calibrates (pipeline/models/equalize.py; README: measured per format).
+    # any format calibrates (pipeline/models/equalize.py; docs/int8-fidelity.md: measured per format).
     equalize: bool = True
     equalize_alpha: float = 0.5
 
@@ -81,10 +76,10 @@ def _prepare_budget(cfg: QuantizeConfig, ckpt, sets, data: DataConfig, pixels: n
 
 
 def run(cfg: QuantizeConfig, inputs: dict, out_dir: Path, data: DataConfig) -> dict:
-    if cfg.scheme not in IMPLEMENTED:
+    if cfg.scheme not in SCHEMES:
         raise NotImplementedError(
             f"scheme {cfg.scheme!r} is not available in this version of the pipeline "
-            f"(available: {', '.join(sorted(IMPLEMENTED))})")
+            f"(available: {', '.join(SCHEMES)})")
     shutil.copyfile(inputs["reparam"] / "fused.pt", out_dir / "model.pt")
     facts = {"scheme": cfg.scheme, "max_drop": cfg.max_drop, "calibration": None}
     if cfg.scheme == "qat-int8":

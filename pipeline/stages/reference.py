@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoints import load_model
-from ..compiled import FixedBatch, Setting, wanted
-from ..data import normalized_tensor
-from ..progress import Progress
-from ..runner import facts_of
-from .images import scored
-from .validate import accuracy, measured_throughput
+from pipeline.core.compiled import FixedBatch, Setting, wanted
+from pipeline.core.progress import Progress
+from pipeline.core.runner import facts_of
+from pipeline.eval.metrics import accuracy
+from pipeline.eval.timing import measured_throughput
+from pipeline.io.checkpoints import load_model
+from pipeline.io.data import normalized_tensor
+from pipeline.io.scored import scored
 
 
 @dataclass

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import load_model, save_pipeline_checkpoint
-from ..data import Preprocess, batch, sample_images
-from ..models.profile import profile
-from ..models.reparam import ReparamError, reparameterize
+from pipeline.io.checkpoints import load_model, save_pipeline_checkpoint
+from pipeline.io.data import batch, preprocess_of, sample_images
+from pipeline.models.profile import profile
+from pipeline.models.reparam import ReparamError, reparameterize
 
 
 @dataclass
@@ -31,11 +31,6 @@ class ReparamResult:
     params_after: int
     gmacs: float
     batchnorms_before: int
-
-
-def preprocess_of(meta: dict) -> Preprocess:
-    return Preprocess(meta["input_size"], meta["crop_pct"], meta["interpolation"],
-                      tuple(meta["mean"]), tuple(meta["std"]))
 
 
 @torch.no_grad()

@@ -5,9 +5,7 @@ it was got. The scored images and the reference logits are the ``images`` and
 from __future__ import annotations
 
 import os
-import platform
 import shutil
-import statistics
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,15 +13,15 @@ from typing import Optional
 
 import numpy as np
 
-from .. import scoring
-from ..compiled import Setting, wanted
-from ..data import sample_images
-from ..formats import kl_per_image, softmax
-from ..progress import Progress
-from ..runner import facts_of
-from ..runtimes import open_runtime
-from .images import scored, scoring_meta
-from .reparam import preprocess_of
+from pipeline.core.compiled import Setting, wanted
+from pipeline.core.progress import Progress
+from pipeline.core.runner import facts_of
+from pipeline.eval import scoring
+from pipeline.eval.metrics import accuracy, fidelity, paired_drop, softmax
+from pipeline.eval.timing import cpu_name, measure_latency, measured_throughput
+from pipeline.io.data import preprocess_of, sample_images
+from pipeline.io.scored import scored, scoring_meta
+from pipeline.runtimes import open_runtime
 
 
 @dataclass
@@ -56,95 +54,7 @@ def narrow(cfg: ValidateConfig) -> ValidateConfig:
     return replace(cfg, fidelity_images=0, workers=0)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # ---------------------------------------------------------------- metrics
-
-# Bins of the float model's top-1 minus top-2 probability. On the trained reference, 93% of
-# post-training int8's disagreements with float fell on the 10% of images below 0.05: an
-# int8 model flips near-ties, not decisions (README, int8 fidelity).
-MARGIN_EDGES = (0.0, 0.05, 0.1, 0.2, 0.5)
-
-
-def agreement_by_float_margin(float_probs: np.ndarray, probs: np.ndarray) -> list[dict]:
-    """Top-1 agreement per bin of the float model's top-1 / top-2 probability margin: where
-    an artifact's disagreements lie (near-ties, or images float was sure about)."""
-    top2 = np.sort(float_probs, axis=1)[:, -2:]
-    margin = top2[:, 1] - top2[:, 0]
-    agree = float_probs.argmax(1) == probs.argmax(1)
-    bins = []
-    for lo, hi in zip(MARGIN_EDGES, MARGIN_EDGES[1:] + (None,)):
-        m = (margin >= lo) & (margin < hi if hi is not None else True)
-        n = int(m.sum())
-        bins.append({"float_margin": [lo, hi], "images": n, "disagreements": int((~agree[m]).sum()),
-                     "agreement": float(agree[m].mean()) if n else None})
-    return bins
-
-
-def fidelity(reference: np.ndarray, scores: np.ndarray, float_probs: Optional[np.ndarray] = None,
-             probs: Optional[np.ndarray] = None) -> dict:
-    """Top-1 agreement, mean cosine and SQNR (dB) of ``scores`` against ``reference`` (both
-    logits or both probabilities), and, given both models' class probabilities, the mean
-    KL(float || artifact) and the agreement per bin of float's top-2 margin."""
-    num = (reference * scores).sum(1)
-    den = np.linalg.norm(reference, axis=1) * np.linalg.norm(scores, axis=1) + 1e-30
-    noise = ((reference - scores) ** 2).sum()
-    sqnr = float("inf") if noise == 0 else float(10 * np.log10((reference ** 2).sum() / noise))
-    return {"top1_agreement": float((reference.argmax(1) == scores.argmax(1)).mean()),
-            "cosine": float((num / den).mean()), "sqnr_db": sqnr, "n": int(len(reference)),
-            **({"mean_kl": float(kl_per_image(float_probs, probs).mean()),
-                "agreement_by_float_margin": agreement_by_float_margin(float_probs, probs)}
-               if probs is not None else {})}
-
-
-def accuracy(scores: np.ndarray, labels: np.ndarray, dataset: str) -> dict:
-    top5 = np.argsort(-scores, axis=1)[:, :5]
-    return {"top1": float((top5[:, 0] == labels).mean()), "top5": float((top5 == labels[:, None]).any(1).mean()),
-            "n": int(len(labels)), "dataset": dataset}
-
-
-def points_with_se(diff: np.ndarray) -> tuple[float, float]:
-    """Mean of a per-image paired difference (1, 0 or -1 per image) in points, and its
-    standard error."""
-    d = np.asarray(diff, np.float64)
-    se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return float(100 * d.mean()), float(100 * se)
-
-
-def paired_drop(reference: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> dict:
-    """Top-1 points lost against the float model on the same images, and the standard error
-    of that paired difference (only images where exactly one of the two is right count)."""
-    points, se = points_with_se((reference.argmax(1) == labels).astype(np.float64) - (scores.argmax(1) == labels))
-    return {"points": points, "standard_error": se}
-
-
-def measured_throughput(images: int, seconds: float, runtime: str, batch_size: int) -> dict:
-    """Scoring speed as measured (wall clock of the scoring loop alone: no runtime
-    loading, no latency timing), what ImageNet-scale estimates scale by."""
-    return {"images": images, "seconds": seconds, "images_per_s": images / seconds if seconds else None,
-            "method": "measured", "details": f"{runtime}, batch {batch_size}, {cpu_name()}, {os.cpu_count()} cores"}
-
-
-def measure_latency(call, warmup: int, runs: int) -> dict:
-    """Median and p90 milliseconds of ``call()`` (one inference, input already converted)."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - t) * 1e3)
-    times.sort()
-    return {"median_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))]}
 
 
 # ---------------------------------------------------------------- the stage
@@ -204,7 +114,7 @@ def run(fmt: str, cfg: ValidateConfig, inputs: dict, out_dir: Path) -> dict:
 
 
 def iphone_latency(path: Path, runs: int) -> list[dict]:
-    from ..latency import estimate, measure_on_device
+    from pipeline.eval.latency import estimate, measure_on_device
 
     measured = measure_on_device(path, runs)
     return ([measured] if measured else []) + [estimate(path)]

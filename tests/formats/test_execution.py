@@ -10,10 +10,11 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline.formats import normalized
-from pipeline.formats.onnx import global_average_pools, run_onnx
+from pipeline.app.report import execution_line
+from pipeline.formats.onnx import global_average_pools
 from pipeline.formats.tflite import TFLiteConfig
-from pipeline.report import execution_line
+from pipeline.io.data import normalized
+from pipeline.runtimes.ort import run_onnx
 
 from .test_exporters import export, reference_logits
 
@@ -49,7 +50,7 @@ def test_an_int8_gelu_splits_the_xnnpack_graph_and_the_report_says_so(trained, t
     line, fast = execution_line(e)
     assert not fast and f"**{e['xnnpack_partitions']} partitions**" in line and "GELU" in line
     # Same quantized GELU outputs either way: float GELU costs no fidelity.
-    from pipeline.formats.tflite import run_tflite
+    from pipeline.runtimes.litert import run_tflite
     a, b = run_tflite(r.path, trained.check), run_tflite(slow.path, trained.check)
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.97
 

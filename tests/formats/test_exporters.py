@@ -5,11 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.formats import ExportContext, ExportError, get_exporter, normalized
-from pipeline.formats.coreml import CoreMLClassifier, CoreMLConfig
-from pipeline.formats.onnx import OnnxConfig, run_onnx
-from pipeline.formats.tflite import TFLiteConfig, run_tflite
+from pipeline.formats import get_exporter
+from pipeline.formats.base import ExportContext, ExportError
+from pipeline.formats.coreml import CoreMLConfig
+from pipeline.formats.onnx import OnnxConfig
+from pipeline.formats.tflite import TFLiteConfig
+from pipeline.io.data import normalized
+from pipeline.models.wrap import StdFoldedClassifier
+from pipeline.runtimes.litert import run_tflite
 from pipeline.runtimes.mil import MilInterpreter
+from pipeline.runtimes.ort import run_onnx
 
 
 def export(fmt, scheme, trained, tmp_path, cfg=None):
@@ -39,10 +44,10 @@ def test_std_folding_into_the_stem_is_exact(trained):
     pixels = trained.check[:8]
     x = torch.from_numpy(pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
                          - np.asarray(trained.meta["mean"], np.float32).reshape(1, 3, 1, 1))
-    folded = CoreMLClassifier(trained.fused, trained.meta["std"]).eval()
+    folded = StdFoldedClassifier(trained.fused, trained.meta["std"]).eval()
     with torch.no_grad():
         got = folded(x).numpy()
-        avg = CoreMLClassifier(trained.fused, [float(np.mean(trained.meta["std"]))] * 3).eval()(x).numpy()
+        avg = StdFoldedClassifier(trained.fused, [float(np.mean(trained.meta["std"]))] * 3).eval()(x).numpy()
     want = softmax(reference_logits(trained, pixels))
     assert np.abs(got - want).max() < 1e-6
     assert np.abs(avg - want).max() > 1e-3, "an averaged std must be visibly wrong"
@@ -86,14 +91,14 @@ def test_coreml_package_check_catches_wrong_weights(trained, tmp_path, monkeypat
     """Tamper with the weights after tracing: the read-back check must refuse the package."""
     from pipeline.formats import coreml
 
-    original = coreml.CoreMLClassifier.__init__
+    original = coreml.StdFoldedClassifier.__init__
 
     def tampered(self, fused, std):
         original(self, fused, std)
         if std == trained.meta["std"]:  # the exported twin, not the checker's reference
             with torch.no_grad():
                 self.model.features[3].channel_mixer.m[0].weight.mul_(1.01)
-    monkeypatch.setattr(coreml.CoreMLClassifier, "__init__", tampered)
+    monkeypatch.setattr(coreml.StdFoldedClassifier, "__init__", tampered)
     monkeypatch.setattr(coreml, "check_package", _check_against_untampered(coreml, original, trained))
     with pytest.raises(ExportError, match="weights read back differ"):
         export("coreml", "fp32", trained, tmp_path)
@@ -103,7 +108,7 @@ def _check_against_untampered(coreml, original, trained):
     real = coreml.check_package
 
     def check(path, fused, ctx, precision, weights_exact=True):
-        coreml.CoreMLClassifier.__init__ = original  # the reference side is built untampered
+        coreml.StdFoldedClassifier.__init__ = original  # the reference side is built untampered
         return real(path, fused, ctx, precision, weights_exact)
     return check
 
@@ -130,8 +135,8 @@ def test_onnx_float_graph_is_exported_once_per_model(trained, tmp_path, monkeypa
     once and reused; other weights are exported anew (a stale graph would fail parity)."""
     import copy
 
+    from pipeline.core.hashing import sha256_state
     from pipeline.formats.onnx import OnnxExporter
-    from pipeline.hashing import sha256_state
 
     calls = []
     real = torch.onnx.export
@@ -155,7 +160,7 @@ def test_onnx_float_graph_is_exported_once_per_model(trained, tmp_path, monkeypa
 def test_tflite_fp32_raw_pixel_nhwc_parity(trained, tmp_path):
     """Raw RGB pixel values in (the normalization is inside the model, the mean removed
     before the stem's zero padding, exactly), probabilities out."""
-    from pipeline.formats.tflite import interpreter
+    from pipeline.runtimes.litert import interpreter
 
     r = export("tflite", "fp32", trained, tmp_path)
     d = interpreter(r.path).get_input_details()[0]
@@ -167,7 +172,7 @@ def test_tflite_fp32_raw_pixel_nhwc_parity(trained, tmp_path):
 
 
 def test_tflite_int8_takes_uint8_pixels_and_gives_float_probabilities(trained, tmp_path):
-    from pipeline.formats.tflite import interpreter
+    from pipeline.runtimes.litert import interpreter
 
     r = export("tflite", "int8", trained, tmp_path)
     it = interpreter(r.path)
@@ -188,7 +193,7 @@ def test_tflite_fp16_halves_the_file(trained, tmp_path):
 @pytest.mark.skipif(__import__("platform").system() != "Darwin", reason="Core ML prediction needs macOS")
 @pytest.mark.parametrize("scheme", ["fp32", "fp16", "int8"])
 def test_coreml_prediction_matches_the_simulation_on_macos(scheme, trained, tmp_path):
-    from pipeline.runtimes import CoreMLRuntime, MilRuntime
+    from pipeline.runtimes.coreml import CoreMLRuntime, MilRuntime
 
     r = export("coreml", scheme, trained, tmp_path)
     real = CoreMLRuntime(r.path, trained.meta, compute_units="CPU_ONLY").predict(trained.check[:32])

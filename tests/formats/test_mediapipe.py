@@ -4,8 +4,9 @@ categories the model's labels, its scores the probabilities LiteRT gives."""
 import numpy as np
 import pytest
 
-from pipeline.formats.tflite import LABELS_FILE, interpreter, run_tflite
+from pipeline.formats.tflite import LABELS_FILE
 from pipeline.formats.tflite_metadata import METADATA_NAME, read_labels
+from pipeline.runtimes.litert import interpreter, run_tflite
 
 from .test_exporters import export, reference_logits
 

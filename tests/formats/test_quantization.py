@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.formats import ValueTails, get_exporter, normalized
-from pipeline.formats.onnx import run_onnx
-from pipeline.formats.tflite import run_tflite
-from pipeline.runtimes import MilRuntime
-from pipeline.stages.validate import fidelity
+from pipeline.eval.metrics import fidelity
+from pipeline.formats import get_exporter
+from pipeline.io.data import normalized
+from pipeline.quant.ranges import ValueTails
+from pipeline.runtimes.coreml import MilRuntime
+from pipeline.runtimes.litert import run_tflite
+from pipeline.runtimes.ort import run_onnx
 
 from .test_exporters import export, reference_logits, softmax
 
@@ -93,11 +95,11 @@ def test_coreml_activation_options_reach_the_program(trained, tmp_path):
 def test_a_wrong_zero_point_falls_below_the_floor(trained, tmp_path, monkeypatch):
     """The same TFLite int8 model fed pixels as if its uint8 input had a zero point off by
     30: caught."""
-    from pipeline.formats import tflite
+    from pipeline.runtimes import litert
 
     r = export("tflite", "int8", trained, tmp_path)
-    real = tflite.to_input
-    monkeypatch.setattr(tflite, "to_input", lambda x, d: np.clip(real(x, d).astype(int) + 30, 0, 255).astype(np.uint8))
+    real = litert.to_input
+    monkeypatch.setattr(litert, "to_input", lambda x, d: np.clip(real(x, d).astype(int) + 30, 0, 255).astype(np.uint8))
     fid = fidelity(softmax(reference_logits(trained)), run_tflite(r.path, trained.check))
     assert fid["sqnr_db"] < FLOOR_DB["tflite"]
 
@@ -142,7 +144,7 @@ def test_formats_that_cannot_express_palettes_say_so(fmt, scheme):
 
 
 def test_too_few_calibration_images(tmp_path):
-    from pipeline.data import DataConfig, DataError
+    from pipeline.io.data import DataConfig, DataError
     from pipeline.stages import load, quantize, reparam
 
     (tmp_path / "load").mkdir()
@@ -163,8 +165,8 @@ def test_tflite_dynamic_range_w8(trained, tmp_path, fp32_sizes):
 
 
 def test_sensitivity_ranks_every_layer_most_harmful_first(trained):
-    from pipeline.formats import normalized as norm
-    from pipeline.sensitivity import layer_sensitivity, quantizable_layers
+    from pipeline.io.data import normalized as norm
+    from pipeline.quant.sensitivity import layer_sensitivity, quantizable_layers
 
     x = torch.from_numpy(norm(trained.calibration[:16], trained.meta))
     ranking = layer_sensitivity(trained.fused, x)
@@ -189,7 +191,7 @@ def test_sensitivity_ranks_every_layer_most_harmful_first(trained):
 def test_float_layers_stay_float(fmt, trained, tmp_path):
     from dataclasses import replace
 
-    from pipeline.formats import ExportContext
+    from pipeline.formats.base import ExportContext
 
     layers = ("features.0.0", "features.1.token_mixer.1.fc1", "classifier")
     exporter = get_exporter(fmt)
@@ -220,9 +222,9 @@ def test_accuracy_aware_pass_keeps_layers_until_the_budget_holds(trained, tmp_pa
     sensitive first) until it holds, and reports them; an unreachable budget is an error."""
     import json as _json
 
-    from pipeline.formats import ExportContext, ExportError
+    from pipeline.formats.base import ExportContext, ExportError
     from pipeline.formats.onnx import OnnxConfig
-    from pipeline.stages import export as export_stage
+    from pipeline.search import accuracy_aware as export_stage
 
     quant = tmp_path / "quantize"
     quant.mkdir()
@@ -292,10 +294,11 @@ def test_accuracy_aware_pass_keeps_layers_until_the_budget_holds(trained, tmp_pa
 def test_without_labels_the_budget_is_in_agreement_points(trained, tmp_path):
     """No labels: the drop is the share of held-out images whose class the artifact changes,
     measured in its runtime (onnxruntime here) against the float model."""
-    from pipeline.formats import ExportContext, ExportError, normalized
+    from pipeline.formats.base import ExportContext, ExportError
     from pipeline.formats.onnx import OnnxConfig
+    from pipeline.io.data import normalized
     from pipeline.runtimes import open_runtime
-    from pipeline.stages import export as export_stage
+    from pipeline.search import accuracy_aware as export_stage
 
     quant = tmp_path / "quantize"
     quant.mkdir()
@@ -327,7 +330,7 @@ def test_without_labels_the_budget_is_in_agreement_points(trained, tmp_path):
 
 def _logit_range(path):
     """The (min, max) that the int8 tensor feeding the TFLite softmax can represent."""
-    from pipeline.formats.tflite import interpreter
+    from pipeline.runtimes.litert import interpreter
 
     it = interpreter(path)
     by_index = {d["index"]: d for d in it.get_tensor_details()}
@@ -371,7 +374,7 @@ def test_tflite_percentile_ranges_are_the_percentile_of_each_images_extremes(tra
 
 
 def test_value_tails_clip_that_share_of_all_values_exactly():
-    """formats.ValueTails: the range clips (100 - p) / 200 of all the values at each end,
+    """quant.ranges.ValueTails: the range clips (100 - p) / 200 of all the values at each end,
     exactly numpy's order statistics of the pooled values, whether the images come one at a
     time or in batches of different sizes; at 100 it is the min / max."""
     rng = np.random.default_rng(0)
@@ -389,7 +392,7 @@ def test_value_tails_clip_that_share_of_all_values_exactly():
     assert ValueTails(100.0, 40).tail == 0 and want[1] < pooled[-1]
 
 
-@pytest.mark.slow   # about 20 s; an option that is off by default (README: measured, not kept)
+@pytest.mark.slow   # about 20 s; an option that is off by default (docs/int8-fidelity.md: measured, not kept)
 def test_tflite_value_percentile_ranges_clip_that_share_of_all_values(trained, tmp_path):
     """calibration: value_percentile (onnxruntime's percentile statistic, for LiteRT): each
     tensor's range clips that share of all its values over the calibration images; checked
@@ -472,7 +475,7 @@ def _onnx_weights(path):
 
 
 def _tflite_weights(path):
-    from pipeline.formats.tflite import interpreter
+    from pipeline.runtimes.litert import interpreter
 
     it = interpreter(path)
     for d in it.get_tensor_details():
@@ -491,7 +494,7 @@ def test_weights_on_the_torchao_qat_grid_are_deployed_exactly(fmt, trained, tmp_
     stem differs by design: 1/std of the input normalization is folded into it.)"""
     from dataclasses import replace
 
-    from pipeline.fakequant import _w8a8_specs
+    from pipeline.quant.fakequant import _w8a8_specs
 
     spec = _w8a8_specs()[1]
     assert (spec.quant_min, spec.quant_max, spec.qscheme) == (-127, 127, torch.per_channel_symmetric)

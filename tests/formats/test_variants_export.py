@@ -4,16 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import Preprocess, sample_images
-from pipeline.formats import ExportContext, get_exporter, normalized
+from pipeline.formats import get_exporter
+from pipeline.formats.base import ExportContext
 from pipeline.formats.coreml import CoreMLConfig
-from pipeline.formats.onnx import OnnxConfig, run_onnx
-from pipeline.formats.tflite import TFLiteConfig, run_tflite
-from pipeline.models import create_model, reparameterize
-from pipeline.runtimes import MilRuntime
+from pipeline.formats.onnx import OnnxConfig
+from pipeline.formats.tflite import TFLiteConfig
+from pipeline.io.data import Preprocess, normalized, sample_images
+from pipeline.models import create_model, randomize_bn, reparameterize
+from pipeline.runtimes.coreml import MilRuntime
+from pipeline.runtimes.litert import run_tflite
+from pipeline.runtimes.ort import run_onnx
 from pipeline.variants import VARIANTS
-
-from pipeline.models import randomize_bn
 
 CONFIGS = {"onnx": OnnxConfig, "tflite": TFLiteConfig, "coreml": CoreMLConfig}
 

@@ -3,7 +3,7 @@ import torch
 
 from pipeline.models import create_model, randomize_bn, reparameterize
 from pipeline.models.equalize import EqualizeError, channel_absmax, equalize_residual_stream
-from pipeline.sensitivity import _fake_quant_input
+from pipeline.quant.sensitivity import _fake_quant_input
 
 from .test_repvit import natural_like_inputs
 

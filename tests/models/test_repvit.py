@@ -5,11 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.models import ReparamError, create_model, profile, reparameterize
+from pipeline.models import ReparamError, create_model, profile, randomize_bn, reparameterize
 from pipeline.models import repvit as repvit_module
 from pipeline.variants import VARIANTS
-
-from pipeline.models import randomize_bn
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

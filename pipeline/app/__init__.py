@@ -1,0 +1,1 @@
+"""What users run: the CLI, deploy, compare and their reports."""

@@ -1,0 +1,1 @@
+"""Metrics, host timing, iPhone latency, and scoring an artifact in its runtime."""

@@ -1,0 +1,1 @@
+"""Checkpoints, downloads, data folders, listings and hashing of inputs."""

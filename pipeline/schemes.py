@@ -1,0 +1,47 @@
+"""Which compression scheme each format can express: one table, read by the exporters,
+the quantize stage, the recipes' typed configs and ``python -m pipeline schemes``.
+
+A format that cannot express a scheme says why and is skipped: nothing is ever silently
+substituted. No torch here (the up-to-date check and the CLI's help read it)."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+Format = Literal["coreml", "onnx", "tflite"]
+FORMATS: tuple[str, ...] = ("coreml", "onnx", "tflite")     # the default job's app formats
+
+Scheme = Literal["fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8", "qat-int8"]
+SCHEMES: tuple[str, ...] = ("fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8", "qat-int8")
+CALIBRATED = frozenset({"int8", "qat-int8"})   # need calibration images (int8 activations)
+
+_NO_PALETTE = "{} has no palettized (look-up-table) weight type"
+
+# format -> scheme -> None (produced) or why it is not.
+SUPPORT: dict[str, dict[str, Optional[str]]] = {
+    "coreml": {s: None for s in SCHEMES},
+    "onnx": {"fp32": None, "fp16": None, "int8": None, "qat-int8": None,
+             "w8": "onnxruntime has no weight-only int8 Conv kernel (its dynamic quantization also "
+                   "quantizes activations: a different scheme)",
+             **{p: _NO_PALETTE.format("ONNX") for p in ("pal4", "pal6", "pal8")}},
+    "tflite": {"fp32": None, "fp16": None, "int8": None, "qat-int8": None, "w8": None,
+               **{p: _NO_PALETTE.format("TFLite") for p in ("pal4", "pal6", "pal8")}},
+}
+
+# What each cell means, for the table ``python -m pipeline schemes`` prints.
+WHAT = {
+    ("coreml", "fp32"): "fp32 compute", ("coreml", "fp16"): "fp16 compute",
+    ("coreml", "int8"): "W8A8, iOS17+", ("coreml", "w8"): "int8 weights",
+    ("onnx", "fp32"): "fp32", ("onnx", "fp16"): "stays fp32 (no fp16 CPU kernels)",
+    ("onnx", "int8"): "QDQ, uint8 activations",
+    ("tflite", "fp32"): "fp32", ("tflite", "fp16"): "fp16 weights", ("tflite", "int8"): "full integer, uint8 input",
+    ("tflite", "w8"): "int8 weights (dynamic range)",
+}
+
+
+def unsupported(fmt: str, scheme: str) -> Optional[str]:
+    """Why ``fmt`` cannot express ``scheme``, or None."""
+    if fmt not in SUPPORT:
+        raise ValueError(f"unknown format {fmt!r}; formats: {', '.join(SUPPORT)}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; schemes: {', '.join(SCHEMES)}")
+    return SUPPORT[fmt][scheme]

@@ -1,0 +1,1 @@
+"""Searches over quantization choices, measured in each artifact's own runtime."""
