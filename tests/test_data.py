@@ -124,9 +124,14 @@ def test_corrupt_image_and_missing_folder(tmp_path):
         image_folder(tmp_path / "nope")
 
 
-def test_large_sets_decode_in_workers_to_the_same_pixels_in_order(tmp_path):
-    """Sets of 512 images or more are decoded in DataLoader workers: the same crops, in the
+def test_large_sets_decode_in_threads_to_the_same_pixels_in_order(tmp_path, monkeypatch):
+    """Sets of 512 images or more are decoded by a thread pool (no process is forked: a fork
+    after JAX or torch's thread pools are loaded can deadlock): the same crops, in the
     listing's order, as decoding one by one; a corrupt image still names itself."""
+    import os
+    import threading
+
+    from pipeline.io import data as data_mod
     root = tmp_path / "d" / "a"
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -135,7 +140,12 @@ def test_large_sets_decode_in_workers_to_the_same_pixels_in_order(tmp_path):
     images = image_folder(tmp_path / "d")
     pre = Preprocess(size=8, crop_pct=0.9, interpolation="bicubic")
     assert workers_for(len(images), 0) > 0
+    seen = set()
+    real_open = data_mod.open_image
+    monkeypatch.setattr(data_mod, "open_image", lambda p: seen.add((os.getpid(), threading.current_thread().name))
+                        or real_open(p))
     pixels = load_pixels(images, pre)
+    assert {pid for pid, _ in seen} == {os.getpid()} and all(name.startswith("decode") for _, name in seen)
     assert np.array_equal(pixels, np.stack([pre.pixels(open_image(p)) for p in images.paths]))
     (root / "0300.png").write_bytes(b"truncated")
     with pytest.raises(DataError, match=r"cannot read image .*0300\.png"):

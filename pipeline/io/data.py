@@ -299,21 +299,8 @@ def calibration_pixels(sets: Sets, cfg: DataConfig, pre: Preprocess, progress=No
     return load_pixels(calib, pre, progress)
 
 
-class _Decode:
-    """Path -> uint8 crop; a picklable dataset for DataLoader workers."""
-
-    def __init__(self, paths: tuple[Path, ...], pre: Preprocess):
-        self.paths, self.pre = paths, pre
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.pre.pixels(open_image(self.paths[i]))
-
-
 def workers_for(n: int, asked: int) -> int:
-    """0 (decode in this process) for small sets, where starting workers costs more."""
+    """0 (decode in the calling thread) for small sets, where a pool costs more."""
     if n < 512:
         return 0
     return asked if asked > 0 else max(1, min(8, (os.cpu_count() or 1)))
@@ -321,23 +308,43 @@ def workers_for(n: int, asked: int) -> int:
 
 def decode_into(out: np.ndarray, paths: tuple[Path, ...], pre: Preprocess, workers: int, progress=None,
                 batch: int = 64) -> None:
-    from torch.utils.data import DataLoader
+    """``out[i] = pre.pixels(paths[i])``, by ``workers`` threads (0: this one), in order.
+    Threads, not processes: Pillow lets go of the GIL while it decodes and resizes, so they
+    run side by side, and no process is forked from one that has loaded JAX or torch's
+    thread pools (forked DataLoader workers could deadlock there: ai-edge-quantizer loads
+    JAX during export). At most ``4 * workers`` batches are decoded ahead of the writes."""
+    def decode(start: int) -> tuple[int, np.ndarray]:
+        return start, np.stack([pre.pixels(open_image(p)) for p in paths[start:start + batch]])
 
-    # DataLoader's default start method (fork on Linux): forkserver and spawn re-run the
-    # caller's __main__ in every worker, which breaks scripts that call deploy() unguarded.
-    loader = DataLoader(_Decode(paths, pre), batch_size=batch, num_workers=workers,
-                        collate_fn=np.stack, prefetch_factor=4 if workers else None)
-    start = 0
-    for pixels in loader:
+    starts = range(0, len(paths), batch)
+    if not workers:
+        done = map(decode, starts)
+    else:
+        done = _bounded_in_order(decode, starts, workers, ahead=4 * workers)
+    for start, pixels in done:
         out[start:start + len(pixels)] = pixels
-        start += len(pixels)
         if progress:
             progress(len(pixels))
 
 
+def _bounded_in_order(fn, items, workers: int, ahead: int):
+    """``map(fn, items)`` on a thread pool, in order, with at most ``ahead`` results pending."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        pending = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def load_pixels(images: ImageSet, pre: Preprocess, progress=None) -> np.ndarray:
-    """uint8 NHWC crops of ``images``, in order (decoded in worker processes for large sets:
-    QAT's 50,000 training images took minutes in one process)."""
+    """uint8 NHWC crops of ``images``, in order (decoded by a thread pool for large sets:
+    QAT's 50,000 training images took minutes in one thread)."""
     out = np.empty((len(images), pre.size, pre.size, 3), np.uint8)
     decode_into(out, images.paths, pre, workers_for(len(images), 0), progress)
     return out

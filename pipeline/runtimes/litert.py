@@ -16,17 +16,14 @@ class LiteRTRuntime:
     def __init__(self, path: Path, meta: dict, threads: int = 1):
         import importlib.metadata
 
-
         self.it, self.meta = interpreter(path, threads), meta
         self.inp, self.out = self.it.get_input_details()[0], self.it.get_output_details()[0]
         self.name = f"LiteRT {importlib.metadata.version('ai-edge-litert')} CPU (XNNPACK)"
 
     def predict(self, pixels):
-
         return predict(self.it, pixels)
 
     def invoker(self, pixels):
-
         x = to_input(pixels[:1], self.inp)
 
         def run():

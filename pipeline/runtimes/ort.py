@@ -22,7 +22,6 @@ class OnnxRuntime:
     def __init__(self, path: Path, meta: dict, threads: int = 1, lanes: int = 1):
         import onnxruntime as ort
 
-
         self.sessions = [session(path, 1) for _ in range(lanes)] if lanes > 1 else [session(path, threads)]
         self.meta = meta
         self.name = f"onnxruntime {ort.__version__} CPU" + (f" ({lanes} one-thread sessions)" if lanes > 1 else "")

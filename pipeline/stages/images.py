@@ -44,7 +44,7 @@ def run(cfg: ImagesConfig, inputs: dict, out_dir: Path, data: DataConfig) -> dic
         n = len(sets.eval)
         pixels = np.lib.format.open_memmap(out_dir / "pixels.npy", "w+", np.uint8, (n, *shape))
         workers = workers_for(n, cfg.workers)
-        with Progress(n, f"decoding scored images ({workers or 'no'} workers)") as bar:
+        with Progress(n, f"decoding scored images ({workers or 'no'} decoding threads)") as bar:
             decode_into(pixels, sets.eval.paths, pre, workers, bar.update)
         pixels.flush()
         del pixels

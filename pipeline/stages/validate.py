@@ -34,7 +34,7 @@ class ValidateConfig:
     iphone: bool = True            # iPhone latency of Core ML artifacts: measured if a device
                                    # is attached (macOS), else estimated
     crop_pct: Optional[float] = None  # evaluation crop; default: the model's
-    workers: int = 0               # image-decoding processes for large DATA (0: one per core, up to 8)
+    workers: int = 0               # image-decoding threads for large DATA (0: one per core, up to 8)
     processes: int = 1             # > 1: each format scored by this many processes under torchrun
     # PyTorch scorers (float reference, Core ML simulation) compiled with inductor: auto from
     # compiled.AUTO_MIN_IMAGES scored images on (compiling costs 5-60 s).
