@@ -7,7 +7,7 @@ import torch
 from pipeline.eval.metrics import fidelity
 from pipeline.formats import get_exporter
 from pipeline.io.data import normalized
-from pipeline.quant.ranges import ValueTails
+from pipeline.quant.ranges import ValueTails, percentile_range
 from pipeline.runtimes.coreml import MilRuntime
 from pipeline.runtimes.litert import run_tflite
 from pipeline.runtimes.ort import run_onnx
@@ -356,6 +356,82 @@ def test_tflite_min_max_ranges_cover_every_calibration_image(trained, tmp_path):
     r = export("tflite", "int8", trained, tmp_path / "ma", TFLiteConfig(calibration="moving_average"))
     ma_lo, ma_hi = _logit_range(r.path)
     assert ma_hi - ma_lo < 0.9 * (mm_hi - mm_lo), "the moving average clips (why min_max is the default)"
+
+
+def test_onnx_percentile_calibration_is_onnxruntimes_own(trained, tmp_path):
+    """The ONNX int8 export's calibration (formats/onnx_calibration.py: a stride per run,
+    histograms counted by torch) gives the tensors and ranges onnxruntime's own percentile
+    calibrator gives, stride by stride, for the same images."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, load_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from pipeline.core.quiet import quiet
+    from pipeline.formats.onnx_calibration import percentile_calibration_cache
+
+    r = export("onnx", "fp32", trained, tmp_path)
+    pre = tmp_path / "pre.onnx"
+    x = normalized(trained.calibration[:48], trained.meta)
+    with quiet():
+        quant_pre_process(str(r.path), str(pre), skip_symbolic_shape=True)
+
+    class Reader(CalibrationDataReader):
+        def set_range(self, start_index, end_index):
+            self.items = iter(x[i:i + 1] for i in range(start_index, end_index))
+
+        def get_next(self):
+            v = next(self.items, None)
+            return None if v is None else {"input": v}
+
+    ops = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+    with quiet():
+        own = create_calibrator(pre, ops, augmented_model_path=str(tmp_path / "augmented.onnx"),
+                                calibrate_method=CalibrationMethod.Percentile, extra_options={"percentile": 99.9})
+        reader = Reader()
+        for start in range(0, len(x), 16):
+            reader.set_range(start, start + 16)
+            own.collect_data(reader)
+        want = own.compute_data()
+        percentile_calibration_cache(pre, x, 99.9, 16, tmp_path / "cache.json")
+    got = load_tensors_data(tmp_path / "cache.json")
+    assert set(got.keys()) == set(want.keys()) and len(want.keys()) > 50
+    for name in want.keys():
+        lo, hi = (float(v) for v in want[name].range_value)
+        assert [float(v) for v in got[name].range_value] == pytest.approx([lo, hi], rel=1e-5, abs=1e-6 * (hi - lo)), name
+
+
+def test_tflite_one_pass_ranges_are_the_calibrators_own(trained, tmp_path):
+    """The int8 export's TFLite ranges come from one pass of the float model (the Calibrator
+    on one image names the tensors): the same tensors and the same per-image extremes as
+    ai-edge-quantizer's Calibrator run on every image, reduced alike."""
+    from ai_edge_quantizer import calibrator, quantizer, recipe
+
+    from pipeline.formats.tflite import FLOAT_ENDS, _calibrated_ranges
+    from pipeline.runtimes.litert import interpreter
+
+    r = export("tflite", "fp32", trained, tmp_path)
+    (signature, spec), = interpreter(r.path).get_signature_list().items()
+    images = [{spec["inputs"][0]: trained.calibration[i:i + 1].astype(np.float32)} for i in range(24)]
+    q = quantizer.Quantizer(str(r.path), recipe.static_wi8_ai8() + FLOAT_ENDS)
+
+    def every_image(seen: dict, new: dict) -> dict:
+        return {**new, "mins": seen.get("mins", [seen["min"]] if seen else []) + [new["min"]],
+                "maxs": seen.get("maxs", [seen["max"]] if seen else []) + [new["max"]]}
+
+    calib = calibrator.Calibrator(r.path.read_bytes(), num_threads=1, qsv_update_func=every_image)
+    calib.calibrate({signature: images}, q._recipe_manager)
+    reference = calib.get_model_qsvs()
+    for how, percentile in (("percentile", 90.0), ("min_max", 100.0)):
+        ours = _calibrated_ranges(r.path, signature, images, q._recipe_manager, how, percentile)
+        assert set(ours) == set(reference) and len(ours) > 50
+        for name, qsv in reference.items():
+            mins, maxs = np.stack(qsv["mins"]).reshape(-1), np.stack(qsv["maxs"]).reshape(-1)
+            assert len(mins) == len(images)
+            want = percentile_range(mins, maxs, percentile)
+            assert np.shape(ours[name]["min"]) == np.shape(qsv["min"]), name
+            assert float(ours[name]["min"].reshape(-1)[0]) == pytest.approx(float(want[0]), rel=1e-6, abs=1e-7), name
+            assert float(ours[name]["max"].reshape(-1)[0]) == pytest.approx(float(want[1]), rel=1e-6, abs=1e-7), name
 
 
 def test_tflite_percentile_ranges_are_the_percentile_of_each_images_extremes(trained, tmp_path):
