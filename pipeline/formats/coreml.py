@@ -46,7 +46,7 @@ class CoreMLConfig:
     # TFLite export calibrates. null: the observer's ranges.
     activation_percentile: Optional[float] = None
     # A number: each activation's range clips that percentile's share of all its values over
-    # the calibration images (onnxruntime's percentile calibration: quant.ranges.ValueTails);
+    # the calibration images (two-tailed, exact: quant.ranges.ValueTails);
     # wins over ``activation_percentile``. null: as above.
     activation_value_percentile: Optional[float] = None
     # Simulated parity gate for the fp32 program (interpreter vs PyTorch probabilities).

@@ -68,7 +68,7 @@ class TFLiteConfig:
     # "min_max", every tensor's min/max over all the images; "moving_average",
     # ai-edge-quantizer's own statistics (each image's min/max folded in with factor 0.95);
     # "value_percentile", the range that clips ``value_percentile``'s share of all the values
-    # each tensor takes (onnxruntime's percentile calibration, exact: quant.ranges.ValueTails).
+    # each tensor takes (two-tailed, exact: quant.ranges.ValueTails).
     calibration: Literal["percentile", "min_max", "moving_average", "value_percentile"] = "percentile"
     percentile: float = 99.0
     value_percentile: float = 99.999

@@ -80,7 +80,7 @@ def set_percentile_ranges(student: nn.Module, batches, percentile: float, of_val
     """Fix every activation range, measured on the float flow (fake quantization off), as
     the exports calibrate: ``[P(100 - p) of the images' minima, P(p) of their maxima]``
     (the TFLite export's ``percentile``), or with ``of_values`` the range that clips
-    ``(100 - p) / 200`` of all values at each end (onnxruntime's percentile calibration,
+    ``(100 - p) / 200`` of all values at each end (two-tailed, exact:
     quant.ranges.ValueTails). The student then trains against the ranges the deployed model gets,
     not against moving averages of batch extremes, which widen with the batch size. The
     activation observers stay off (the ranges are frozen); the weights' observers run once

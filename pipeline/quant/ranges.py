@@ -19,11 +19,13 @@ def percentile_range(mins, maxs, percentile: float) -> tuple[np.ndarray, np.ndar
 class ValueTails:
     """Per tensor, the values at the two ends of everything the calibration images put
     through it, kept as running bottom-k / top-k: the range that clips the fraction
-    ``(100 - percentile) / 200`` of all values at each end. This is onnxruntime's percentile
-    calibration (``CalibPercentile``, 99.999: 0.0005% of the values, split over both tails),
-    computed exactly instead of from a 2048-bin histogram, for the formats whose tools do not
-    offer it (docs/int8-fidelity.md: better than the per-image statistic on the shared
-    reference, worse on a second model; an option, not a default)."""
+    ``(100 - percentile) / 200`` of all values at each end, computed exactly. Modelled on
+    onnxruntime's percentile calibration, which it is not quite: onnxruntime (1.32, default
+    ``CalibTensorRangeSymmetric``) takes the percentile of |x| from a 2048-bin histogram, a
+    range -t..t cut to the tensor's min..max (formats/onnx_calibration.py, found 2026-12-02).
+    For the formats whose tools offer neither (docs/int8-fidelity.md: better than the
+    per-image statistic on the shared reference, worse on a second model; an option, not a
+    default)."""
 
     def __init__(self, percentile: float, n_images: int):
         self.tail = (100.0 - percentile) / 200.0
