@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.schemes import unsupported
+from pipeline.variants import get_variant
 
 
 class ExportError(RuntimeError):
@@ -72,6 +73,14 @@ def model_metadata(ctx: ExportContext, input_layout: str) -> dict[str, str]:
             "input_layout": input_layout, "input_size": str(m["input_size"]), "crop_pct": str(m["crop_pct"]),
             "interpolation": m["interpolation"], "variant": ctx.variant,
             "weights_sha256": str(m.get("weights", {}).get("sha256")), "scheme": ctx.scheme}
+
+
+def weights_license(ctx: ExportContext) -> str:
+    """The licence an artifact's metadata names: the release's (the variant table's) for the
+    official weights; otherwise the pipeline cannot know it."""
+    if str(ctx.meta.get("weights", {}).get("source", "")).startswith("official"):
+        return f"{get_variant(ctx.variant).weights.license} (RepViT official weights)"
+    return "see the weights' source"
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:

@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline.core.quiet import quiet
 from pipeline.formats.base import (ExportContext, ExportError, ExportResult, SchemeSupport, check_parity,
-                                   torch_logits)
+                                   torch_logits, weights_license)
 from pipeline.io.data import normalized
 from pipeline.models.wrap import StdFoldedClassifier
 from pipeline.quant.ranges import input_ranges, ranged_per_tensor
@@ -84,9 +84,7 @@ def _set_metadata(ml, ctx: ExportContext, cfg: CoreMLConfig, precision: str) -> 
                             f"classes), {ctx.scheme}, {precision} compute. Input: RGB "
                             f"{m['input_size']}x{m['input_size']} centre crop.")
     ml.author = cfg.author
-    ml.license = cfg.license or ("Apache-2.0 (RepViT official weights)"
-                                 if str(weights.get("source", "")).startswith("official") else
-                                 "see the weights' source")
+    ml.license = cfg.license or weights_license(ctx)
     ml.version = cfg.version
     ml.input_description["image"] = (f"RGB image, {m['input_size']}x{m['input_size']}: resize the "
                                      f"shorter side to {int(m['input_size'] / m['crop_pct'])} "

@@ -65,8 +65,8 @@ def percentile_calibration_cache(model_path: Path, calibration: np.ndarray, perc
                                  cache: Path, input_name: str = "input", num_bins: int = 2048) -> int:
     """Write onnxruntime's percentile calibration of ``model_path`` on ``calibration``
     (float NCHW) to ``cache`` (its calibration-cache JSON); returns the number of tensors."""
-    from onnxruntime.quantization.calibrate import (CalibrationMethod, HistogramCollector, PercentileCalibrater,
-                                                    TensorsData, save_tensors_data)
+    from onnxruntime.quantization.calibrate import (CalibrationMethod, HistogramCollector,
+                                                    PercentileCalibrater, TensorsData, save_tensors_data)
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     ops = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))   # quantize_static's default op types

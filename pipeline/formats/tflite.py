@@ -22,7 +22,7 @@ from torch import nn
 from pipeline.core.quiet import quiet
 from pipeline.eval.metrics import softmax
 from pipeline.formats.base import (ExportContext, ExportError, ExportResult, SchemeSupport, check_parity,
-                                   model_metadata, torch_logits)
+                                   model_metadata, torch_logits, weights_license)
 from pipeline.formats.tflite_metadata import ClassifierMetadata, embed
 from pipeline.io.data import normalized
 from pipeline.quant.ranges import ValueTails, percentile_range
@@ -225,9 +225,7 @@ class TFLiteExporter(SchemeSupport):
                          f"(shorter side {int(m['input_size'] / m['crop_pct'])}, {m['interpolation']}) "
                          "and centre-cropped. Output: class probabilities."),
             version="1.0", author="repvit-pipeline",
-            license=("Apache-2.0 (RepViT official weights)"
-                     if str(m.get("weights", {}).get("source", "")).startswith("official") else
-                     "see the weights' source"),
+            license=weights_license(ctx),
             labels_file=LABELS_FILE, input_size=m["input_size"],
             # Float input: MediaPipe requires NormalizationOptions; the model normalizes
             # itself, so the options pass pixel values through unchanged.

@@ -200,3 +200,17 @@ def test_coreml_prediction_matches_the_simulation_on_macos(scheme, trained, tmp_
     simulated = MilRuntime(r.path, trained.meta).predict(trained.check[:32])
     assert (real.argmax(1) == simulated.argmax(1)).mean() >= 0.97
     assert np.abs(real - simulated).max() < (1e-4 if scheme == "fp32" else 3e-2)
+
+
+def test_artifacts_name_the_release_licence_only_for_the_official_weights():
+    from pathlib import Path
+
+    from pipeline.formats.base import weights_license
+    from pipeline.variants import get_variant
+
+    def ctx(source):
+        return ExportContext("fp32", {"weights": {"source": source}}, "m1.1", Path("x"))
+
+    official = weights_license(ctx("official:https://example/repvit_m1_1.pth"))
+    assert official == f"{get_variant('m1.1').weights.license} (RepViT official weights)" and "Apache" in official
+    assert weights_license(ctx("/models/mine.pth")) == "see the weights' source"
