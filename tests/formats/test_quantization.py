@@ -401,6 +401,7 @@ def test_onnx_percentile_calibration_is_onnxruntimes_own(trained, tmp_path):
         assert [float(v) for v in got[name].range_value] == pytest.approx([lo, hi], rel=1e-5, abs=1e-6 * (hi - lo)), name
 
 
+@pytest.mark.filterwarnings("ignore:Warning. Enabling .experimental_preserve_all_tensors")
 def test_tflite_one_pass_ranges_are_the_calibrators_own(trained, tmp_path):
     """The int8 export's TFLite ranges come from one pass of the float model (the Calibrator
     on one image names the tensors): the same tensors and the same per-image extremes as
