@@ -132,6 +132,20 @@ def execution(path: Path) -> dict:
             "how": "read from the graph onnxruntime optimizes the model into"}
 
 
+# torch.onnx writes each node's Python stack trace into its metadata: the build machine's
+# file paths, in every shipped model. The module scope (namespace, class hierarchy) stays.
+BUILD_PATH_KEYS = ("pkg.torch.onnx.stack_trace",)
+
+
+def strip_build_paths(proto) -> None:
+    """Remove the exporter's stack traces from every node's metadata, in place."""
+    for node in proto.graph.node:
+        kept = [p for p in node.metadata_props if p.key not in BUILD_PATH_KEYS]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+
+
 def calibration_stride(n: int, most: int = 16) -> int:
     """The largest divisor of ``n`` up to ``most`` (onnxruntime needs equal strides)."""
     return max(d for d in range(1, min(n, most) + 1) if n % d == 0)
@@ -365,6 +379,7 @@ class OnnxExporter(SchemeSupport):
                 raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
             proto = onnx.load(str(path))
             pools = global_average_pools(proto)
+            strip_build_paths(proto)
             onnx.save(proto, str(path))
             onnx.checker.check_model(proto, full_check=True)
             facts = {"opset": cfg.opset, "simplified": False, "precision": "float32",

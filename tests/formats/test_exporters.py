@@ -214,3 +214,16 @@ def test_artifacts_name_the_release_licence_only_for_the_official_weights():
     official = weights_license(ctx("official:https://example/repvit_m1_1.pth"))
     assert official == f"{get_variant('m1.1').weights.license} (RepViT official weights)" and "Apache" in official
     assert weights_license(ctx("/models/mine.pth")) == "see the weights' source"
+
+
+def test_the_onnx_file_carries_no_build_paths(trained, tmp_path):
+    """torch.onnx writes Python stack traces (this machine's file paths) into node metadata:
+    none reach the shipped .onnx; the module scopes stay."""
+    import onnx
+
+    r = get_exporter("onnx").export(trained.fused, ExportContext("fp32", trained.meta, "m0.6", tmp_path / "m.onnx",
+                                                                 check_inputs=trained.check), OnnxConfig())
+    data = r.path.read_bytes()
+    assert b"pipeline/models/repvit.py" not in data and b"site-packages" not in data
+    keys = {p.key for n in onnx.load(str(r.path)).graph.node for p in n.metadata_props}
+    assert "pkg.torch.onnx.stack_trace" not in keys and "namespace" in keys
