@@ -1,4 +1,4 @@
-"""Inductor-compiled scoring (pipeline/compiled.py): the compiled graph computes what eager
+"""Inductor-compiled scoring (pipeline/core/compiled.py): the compiled graph computes what eager
 does, pads the last batch, and falls back to eager when compiling fails or changes results."""
 import pytest
 import torch

@@ -104,13 +104,16 @@ def test_a_package_init_counts_with_its_module_level_imports_only(tmp_path):
     (pkg / "sub").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "sub" / "__init__.py").write_text("from pipeline.sub import eager\n\n\ndef f():\n"
-                                             "    from pipeline.sub import lazy\n")
-    for name in ("eager", "lazy", "leaf"):
+                                             "    from pipeline.sub import lazy\n\n\n"
+                                             "try:\n    def g():\n        from pipeline.sub import lazier\n"
+                                             "except ImportError:\n    from pipeline.sub import guarded\n")
+    for name in ("eager", "lazy", "lazier", "guarded", "leaf"):
         (pkg / "sub" / f"{name}.py").write_text("")
     (pkg / "user.py").write_text("from pipeline.sub.leaf import x\n")
     (pkg / "caller.py").write_text("from pipeline.sub import f\n")
     assert codegraph.closure(["pipeline.user"], tmp_path) == [
-        "pipeline", "pipeline.sub", "pipeline.sub.eager", "pipeline.sub.leaf", "pipeline.user"]
+        "pipeline", "pipeline.sub", "pipeline.sub.eager", "pipeline.sub.guarded", "pipeline.sub.leaf",
+        "pipeline.user"]
     assert "pipeline.sub.lazy" in codegraph.closure(["pipeline.caller"], tmp_path)
 
 

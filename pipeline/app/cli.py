@@ -16,7 +16,7 @@ from pipeline.variants import VARIANTS, UnknownVariant, get_variant
 
 def user_errors() -> tuple[type[Exception], ...]:
     """The pipeline's own errors: bad input, each with a message that says what to do."""
-    # Imported once a command has failed: a warm deploy never imports torch (pipeline/stamp.py).
+    # Imported once a command has failed: a warm deploy never imports torch (pipeline/app/stamp.py).
     from pipeline.app.deploy import DiskFull
     from pipeline.core.config import RecipeError
     from pipeline.formats.base import ExportError

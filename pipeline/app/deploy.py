@@ -85,7 +85,7 @@ def resolve_recipe(opts: RunOptions) -> Recipe:
 
 def use_public_calibration(recipe: Recipe) -> None:
     """Point ``data.calib`` at the extracted public calibration set the recipe asks for
-    (pipeline/public_sets.py), downloading it the first time. Named as CALIB, a set that
+    (pipeline/io/public_sets.py), downloading it the first time. Named as CALIB, a set that
     cannot be had is an error; as the default for official weights, the run goes on with
     natural sample photos and says so."""
     data = recipe.sections["data"]
@@ -98,7 +98,7 @@ def use_public_calibration(recipe: Recipe) -> None:
         if data.calib == name:
             raise
         log.warning(f"{e}\ncalibrating on natural sample photos instead; int8 loses more "
-            "fidelity on them (docs/calibration.md: what that costs)")
+                    "fidelity on them (docs/calibration.md: what that costs)")
 
 
 def check_data(data: DataConfig, load: StageRecord) -> None:
@@ -189,7 +189,7 @@ def deploy(opts: RunOptions) -> tuple[dict, Path]:
     current = published_if_current(opts, stamp)
     if current:
         log.info(f"up to date: {current[1]}/ was written from these inputs (recipe, checkpoint, data "
-            "folders, pipeline code, installed packages); nothing to run")
+                 "folders, pipeline code, installed packages); nothing to run")
         return current
     keep_freed_memory()
     from pipeline.app.plan import plan
@@ -197,7 +197,7 @@ def deploy(opts: RunOptions) -> tuple[dict, Path]:
     recipe = resolve_recipe(opts)
     use_public_calibration(recipe)
     log.info(f"RepViT-{recipe.variant.upper()} · {recipe.quant} · recipe {recipe.name} "
-        f"({', '.join(recipe.sources)})")
+             f"({', '.join(recipe.sources)})")
     stages = plan(recipe.stages, recipe.sections)
     with disk_full_explained(str(opts.artifacts / "cache")):
         records = run_stages(stages, recipe.sections, Cache(opts.artifacts / "cache"), set(opts.force),

@@ -2,10 +2,10 @@
 computed without importing torch or a converter.
 
 Every stage's cache key is made of its recipe section, the checkpoint's and data folders'
-fingerprints, library versions and the pipeline's source (pipeline/runner.py). The stamp
+fingerprints, library versions and the pipeline's source (pipeline/core/runner.py). The stamp
 covers the same inputs, read more cheaply: the merged recipe as written (its ``extends``
 chain and ``--set`` overrides), the checkpoint's and labels' path, size and mtime, the
-data folders' listings (pipeline/listing.py), every file of the pipeline package, and the
+data folders' listings (pipeline/io/listing.py), every file of the pipeline package, and the
 names (with versions) of every installed distribution. The published report records the
 stamp of the run that wrote it; a deploy whose stamp matches has nothing to do, and
 returns without importing torch (about 1.7 s here) or asking each stage for its key.

@@ -46,7 +46,7 @@ def _imports(path: Path, module: str, mtime_ns: int) -> tuple[frozenset, frozens
     tree = ast.parse(path.read_text(), str(path))
     is_package = path.name == "__init__.py"
     every, top = set(), set()
-    top_level = {id(n) for n in tree.body}
+    top_level = {id(n) for n in _run_on_import(tree)}
     for node in ast.walk(tree):
         names = []
         if isinstance(node, ast.Import):
@@ -57,18 +57,21 @@ def _imports(path: Path, module: str, mtime_ns: int) -> tuple[frozenset, frozens
             names = [base] + [f"{base}.{a.name}" for a in node.names]
         found = {n for n in names if n == PROJECT or n.startswith(PROJECT + ".")}
         every |= found
-        if id(node) in top_level or _at_module_level(tree, node):
+        if id(node) in top_level:
             top |= found
     return frozenset(every), frozenset(top)
 
 
-def _at_module_level(tree: ast.Module, node: ast.AST) -> bool:
-    """An import under a module-level ``if`` / ``try`` (not inside a def or class)."""
-    for stmt in tree.body:
-        if isinstance(stmt, (ast.If, ast.Try, ast.With)):
-            if any(n is node for n in ast.walk(stmt)):
-                return True
-    return False
+def _run_on_import(node: ast.AST):
+    """The import statements that run when the module is imported: everywhere but inside a
+    function (a class body runs, its methods do not)."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            yield child
+        else:
+            yield from _run_on_import(child)
 
 
 def imports_of(module: str, root: Path = ROOT, module_level_only: bool = False) -> set[str]:

@@ -235,6 +235,7 @@ def quantize_int8(path: Path, calibration: np.ndarray, cfg: OnnxConfig,
             return None if x is None else {INPUT: x}
 
     pre = path.with_name(path.stem + ".pre.onnx")
+    cache_file = path.with_name(path.stem + ".calibration.json")
     try:
         with quiet():
             quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
@@ -251,7 +252,7 @@ def quantize_int8(path: Path, calibration: np.ndarray, cfg: OnnxConfig,
             stride = calibration_stride(len(calibration), cfg.calibration_stride) if cfg.calibration_stride else None
             cache = None
             if cfg.calibration == "percentile":   # the same statistic, computed faster (onnx_calibration.py)
-                cache = path.with_name(path.stem + ".calibration.json")
+                cache = cache_file
                 percentile_calibration_cache(pre, calibration, cfg.percentile, stride or len(calibration), cache,
                                              input_name=INPUT)
             quantize_static(
@@ -275,7 +276,7 @@ def quantize_int8(path: Path, calibration: np.ndarray, cfg: OnnxConfig,
         raise ExportError(f"ONNX int8 quantization failed: {type(e).__name__}: {e}") from e
     finally:
         pre.unlink(missing_ok=True)
-        path.with_name(path.stem + ".calibration.json").unlink(missing_ok=True)
+        cache_file.unlink(missing_ok=True)
     return len(overrides)
 
 

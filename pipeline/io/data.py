@@ -220,7 +220,7 @@ class DataConfig:
     eval_images: Optional[int] = None   # score N images, a deterministic spread over the set
     seed: int = 0
     # Official or hub weights with neither CALIB nor DATA calibrate on this public set
-    # (pipeline/public_sets.py; downloaded once); null: natural sample photos.
+    # (pipeline/io/public_sets.py; downloaded once); null: natural sample photos.
     public_calib: Optional[str] = "imagenette-320"
 
     def validate(self):

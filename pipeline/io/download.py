@@ -1,5 +1,5 @@
 """Files from the network, downloaded once into a cache, verified, never fetched again: the
-official RepViT weights, public calibration images (pipeline/public_sets.py), and
+official RepViT weights, public calibration images (pipeline/io/public_sets.py), and
 checkpoints from the Hugging Face hub (``hf-hub:<repo>[@revision]``) through huggingface_hub."""
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Image files under a folder, and a cache key for a folder from its listing alone.
 
 Imports nothing heavy (no numpy, Pillow or torch): a warm ``make deploy`` fingerprints
-DATA / CALIB with it before deciding whether anything must run (pipeline/stamp.py).
+DATA / CALIB with it before deciding whether anything must run (pipeline/app/stamp.py).
 """
 from __future__ import annotations
 
