@@ -29,22 +29,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared import add_checkpoint_option, latency_artifacts, reference_run, require_shared  # noqa: E402
-from pipeline.io.checkpoints import load_model  # noqa: E402
-from pipeline.io.data import normalized_tensor  # noqa: E402
 from pipeline.app.deploy import resolve_recipe  # noqa: E402
-from pipeline.quant.fakequant import (TorchaoPT2E, activation_fake_quants, fake_quant_range,
-                                      set_percentile_ranges)
-from pipeline.eval.metrics import kl_per_image, softmax  # noqa: E402
+from pipeline.app.plan import SCORING, STAGES  # noqa: E402
+from pipeline.app.report import execution_line  # noqa: E402
+from pipeline.core.quiet import quiet  # noqa: E402
+from pipeline.core.runner import Cache, run_stages  # noqa: E402
+from pipeline.eval.metrics import agreement_by_float_margin, kl_per_image, softmax  # noqa: E402
+from pipeline.eval.timing import alternate_latency, cpu_name  # noqa: E402
 from pipeline.formats.onnx import execution as onnx_execution  # noqa: E402
 from pipeline.formats.tflite import FLOAT_ENDS, execution as tflite_execution  # noqa: E402
-from pipeline.core.quiet import quiet  # noqa: E402
-from pipeline.app.report import execution_line  # noqa: E402
-from pipeline.core.runner import Cache, run_stages  # noqa: E402
-from pipeline.eval.timing import alternate_latency
+from pipeline.io.checkpoints import load_model  # noqa: E402
+from pipeline.io.data import normalized_tensor  # noqa: E402
+from pipeline.quant.fakequant import (TorchaoPT2E, activation_fake_quants, fake_quant_range,  # noqa: E402
+                                      set_percentile_ranges)
 from pipeline.runtimes import open_runtime  # noqa: E402
-from pipeline.app.plan import SCORING, STAGES  # noqa: E402
-from pipeline.eval.metrics import agreement_by_float_margin
-from pipeline.eval.timing import cpu_name  # noqa: E402
 
 # (what, percentile, of all values): the statistics the formats calibrate with.
 STATISTICS = [

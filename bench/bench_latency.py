@@ -21,13 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared import latency_artifacts  # noqa: E402
-from pipeline.formats.onnx import INPUT  # noqa: E402
-from pipeline.formats.tflite import execution as tflite_execution  # noqa: E402
 from pipeline.app.report import execution_line  # noqa: E402
-from pipeline.runtimes.ort import OnnxRuntime
-from pipeline.eval.timing import alternate_latency
+from pipeline.eval.timing import alternate_latency, cpu_name  # noqa: E402
+from pipeline.formats.tflite import execution as tflite_execution  # noqa: E402
 from pipeline.runtimes import open_runtime  # noqa: E402
-from pipeline.eval.timing import cpu_name  # noqa: E402
+from pipeline.runtimes.ort import INPUT, OnnxRuntime  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

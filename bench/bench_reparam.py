@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from pipeline.models import create_model, reparameterize
 from pipeline.eval.timing import cpu_name
+from pipeline.models import create_model, reparameterize
 
 
 @torch.no_grad()

@@ -8,9 +8,9 @@ import json
 import tempfile
 from pathlib import Path
 
+from pipeline.eval.latency import FIT_DATA, fitted, program_features
 from pipeline.formats.base import ExportContext
 from pipeline.formats.coreml import CoreMLConfig, CoreMLExporter
-from pipeline.eval.latency import FIT_DATA, fitted, program_features
 from pipeline.models import create_model, reparameterize
 from pipeline.variants import VARIANTS
 
