@@ -82,13 +82,12 @@ def latency_artifacts(variant: str, schemes: tuple[str, ...]):
     randomized: speed as trained, accuracy meaningless), ONNX and TFLite, one deploy per
     scheme under artifacts/bench-latency (cached). Returns the reports, a ``path_of(scheme,
     fmt)`` lookup, the preprocessing meta and one preprocessed photo (NHWC uint8, batch 1)."""
-    from pipeline.io.data import sample_images
     from pipeline.app.deploy import RunOptions, deploy
-    from pipeline.io.data import preprocess_of
+    from pipeline.io.data import preprocess_of, sample_images
 
     base = dict(variant=variant, checkpoint="random", artifacts=ROOT / "artifacts" / "bench-latency",
                 sets=("export.formats=[onnx,tflite]", "validate.latency_runs=5"))
-    reports = {q: deploy(RunOptions(quant=q, **base), lambda m: None) for q in schemes}
+    reports = {q: deploy(RunOptions(quant=q, **base)) for q in schemes}
     meta = reports[schemes[0]][0]["preprocess"] | {"classes": []}
 
     def path_of(scheme: str, fmt: str) -> Path:
