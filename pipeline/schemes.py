@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-Format = Literal["coreml", "onnx", "tflite"]
+Format = Literal["coreml", "onnx", "tflite", "openvino"]
 FORMATS: tuple[str, ...] = ("coreml", "onnx", "tflite")     # the default job's app formats
+ALL_FORMATS: tuple[str, ...] = FORMATS + ("openvino",)      # opt-in ones: export.formats names them
 
 Scheme = Literal["fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8", "qat-int8"]
 SCHEMES: tuple[str, ...] = ("fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8", "qat-int8")
@@ -25,6 +26,11 @@ SUPPORT: dict[str, dict[str, Optional[str]]] = {
              **{p: _NO_PALETTE.format("ONNX") for p in ("pal4", "pal6", "pal8")}},
     "tflite": {"fp32": None, "fp16": None, "int8": None, "qat-int8": None, "w8": None,
                **{p: _NO_PALETTE.format("TFLite") for p in ("pal4", "pal6", "pal8")}},
+    "openvino": {"fp32": None, "fp16": None, "int8": None, "w8": None,
+                 "qat-int8": "QAT trains under coremltools' or torchao's fake quantization, not nncf's: "
+                             "the OpenVINO int8 is nncf's post-training quantization (QUANT=int8)",
+                 **{p: "not wired: nncf's codebook (look-up-table) weight modes exist but are not measured "
+                       "here on convolutions; Core ML is the palettized format" for p in ("pal4", "pal6", "pal8")}},
 }
 
 # What each cell means, for the table ``python -m pipeline schemes`` prints.
@@ -35,6 +41,8 @@ WHAT = {
     ("onnx", "int8"): "QDQ, uint8 activations",
     ("tflite", "fp32"): "fp32", ("tflite", "fp16"): "fp16 weights", ("tflite", "int8"): "full integer, uint8 input",
     ("tflite", "w8"): "int8 weights (dynamic range)",
+    ("openvino", "fp32"): "f32 IR, uint8 pixels in", ("openvino", "fp16"): "fp16-compressed weights",
+    ("openvino", "int8"): "nncf int8, uint8 pixels in", ("openvino", "w8"): "nncf int8 weights",
 }
 
 

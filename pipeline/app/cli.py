@@ -92,9 +92,9 @@ def variants(as_json: bool):
 @main.command()
 def schemes():
     """Which scheme each format can express (pipeline/schemes.py), and why not where not."""
-    from pipeline.schemes import FORMATS, SCHEMES, WHAT, unsupported
+    from pipeline.schemes import ALL_FORMATS as FORMATS, SCHEMES, WHAT, unsupported
 
-    click.echo(f"{'scheme':9} " + " ".join(f"{f:33}" for f in FORMATS))
+    click.echo(f"{'scheme':9} " + " ".join(f"{f:33}" for f in FORMATS).rstrip())
     reasons = {}
     for s in SCHEMES:
         cells = []
@@ -103,7 +103,7 @@ def schemes():
             if why:
                 reasons.setdefault(why, len(reasons) + 1)
             cells.append(f"not produced [{reasons[why]}]" if why else WHAT.get((f, s.replace("qat-", "")), s))
-        click.echo(f"{s:9} " + " ".join(f"{c:33}" for c in cells))
+        click.echo((f"{s:9} " + " ".join(f"{c:33}" for c in cells)).rstrip())
     for why, n in reasons.items():
         click.echo(f"[{n}] {why}")
 

@@ -19,7 +19,8 @@ from pipeline.io.data import DataConfig
 from pipeline.stages import export, images, load, qat, quantize, reference, reparam, validate
 
 CONVERTERS = ("torch", "coremltools", "onnx", "onnxscript", "onnxsim", "onnxruntime",
-              "litert-torch", "ai-edge-litert", "ai-edge-quantizer")
+              "litert-torch", "ai-edge-litert", "ai-edge-quantizer",
+              "openvino", "nncf")
 
 SECTIONS = {"load": load.LoadConfig, "reparam": reparam.ReparamConfig,
             "qat": qat.QatConfig, "quantize": quantize.QuantizeConfig, "export": export.ExportConfig,

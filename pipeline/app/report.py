@@ -187,6 +187,10 @@ def execution_line(e: dict) -> tuple[str, bool]:
         return (f"{e['runtime']}: integer kernels {_counts(e['integer_ops'])}; in float between "
                 f"DequantizeLinear and QuantizeLinear: {_counts(floats) or 'nothing'}"
                 f"{' (onnxruntime has no integer kernel for these)' if floats else ''}.", True)
+    if "integer_layers" in e:
+        floats = e["float_layers"]
+        return (f"{e['runtime']}: integer layers {_counts(e['integer_layers'])}; in float: "
+                f"{_counts(floats) or 'nothing'}.", True)
     if "fp16_ops" in e:
         return (f"{e['runtime']}: int8 inputs {_counts(e['int8_input_ops'])}; stays fp16 "
                 f"(no quantize/dequantize around it): {_counts(e['fp16_ops']) or 'nothing'}.", True)

@@ -5,12 +5,12 @@ fused (float) model and what the format needs to know -> an artifact on disk and
 the report. A format that cannot express a scheme says why (``unsupported``, from the one
 table in ``pipeline/schemes.py``) and is skipped: nothing is ever silently substituted.
 Exporters are imported when asked for: each pulls in its converter (coremltools, onnx,
-litert-torch).
+litert-torch, openvino and nncf).
 """
 from __future__ import annotations
 
 from pipeline.formats.base import Exporter, ExportError
-from pipeline.schemes import FORMATS
+from pipeline.schemes import ALL_FORMATS
 
 
 def get_exporter(name: str) -> Exporter:
@@ -23,4 +23,7 @@ def get_exporter(name: str) -> Exporter:
     if name == "tflite":
         from pipeline.formats.tflite import TFLiteExporter
         return TFLiteExporter()
-    raise ExportError(f"unknown format {name!r}; formats: {', '.join(FORMATS)}")
+    if name == "openvino":
+        from pipeline.formats.openvino import OpenVINOExporter
+        return OpenVINOExporter()
+    raise ExportError(f"unknown format {name!r}; formats: {', '.join(ALL_FORMATS)}")

@@ -42,6 +42,10 @@ class OnnxConfig:
     # qat-int8: QAT's activation ranges replace onnxruntime's calibrated ones for every
     # conv / linear input and output (TensorQuantOverrides); other tensors calibrate.
     qat_ranges: bool = False
+    # int8: GELU as written (exact: onnxruntime runs it in float between DequantizeLinear and
+    # QuantizeLinear) or as x * sigmoid(1.702 x) (sigmoid: QLinearSigmoid and QLinearMul,
+    # integer kernels; an approximation of GELU). docs/int8-speed.md: what each measured.
+    gelu: Literal["exact", "sigmoid"] = "exact"
 
     def validate(self):
         if not 90.0 <= self.percentile <= 100.0:
@@ -89,6 +93,37 @@ def global_average_pools(proto) -> int:
     unused = [i for i in graph.initializer if i.name not in used]
     for i in unused:
         graph.initializer.remove(i)
+    return rewritten
+
+
+SIGMOID_GELU = 1.702   # GELU(x) ~ x * sigmoid(1.702 x) (Hendrycks & Gimpel, 2016)
+
+
+def sigmoid_gelus(proto) -> int:
+    """Rewrite each Gelu node as ``x * sigmoid(1.702 x)`` (Mul, Sigmoid, Mul), in place;
+    returns how many. onnxruntime has integer kernels for all three ops (QLinearMul,
+    QLinearSigmoid) and none for Gelu."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    if not any(n.op_type == "Gelu" for n in graph.node):
+        return 0
+    name = "gelu_sigmoid_scale"
+    graph.initializer.append(numpy_helper.from_array(np.asarray(SIGMOID_GELU, np.float32), name))
+    nodes, rewritten = [], 0
+    for n in graph.node:
+        if n.op_type != "Gelu":
+            nodes.append(n)
+            continue
+        if any(a.name == "approximate" and a.s not in (b"", b"none") for a in n.attribute):
+            raise ExportError(f"{n.name}: Gelu(approximate=tanh) cannot be rewritten as the sigmoid form")
+        x, y = n.input[0], n.output[0]
+        nodes += [helper.make_node("Mul", [x, name], [y + "/scaled"], name=n.name + "/scale"),
+                  helper.make_node("Sigmoid", [y + "/scaled"], [y + "/gate"], name=n.name + "/sigmoid"),
+                  helper.make_node("Mul", [x, y + "/gate"], [y], name=n.name + "/gate")]
+        rewritten += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
     return rewritten
 
 
@@ -328,6 +363,10 @@ class OnnxExporter(SchemeSupport):
         if ctx.scheme == "fp16":
             facts["precision"] = ("float32: onnxruntime's CPU provider has no float16 kernels that "
                                   "would make an fp16 graph faster, so the ONNX model stays fp32")
+        if ctx.int8 and cfg.gelu == "sigmoid":
+            proto = onnx.load_from_string(graph)
+            facts["gelu"] = f"{sigmoid_gelus(proto)} GELUs written as x * sigmoid({SIGMOID_GELU} x)"
+            onnx.save(proto, str(path))
         if ctx.int8:
             ranges = ctx.activation_ranges if cfg.qat_ranges else {}
             carried = quantize_int8(path, normalized(ctx.calibration, ctx.meta), cfg, ctx.float_layers, ranges)

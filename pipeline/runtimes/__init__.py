@@ -38,4 +38,7 @@ def open_runtime(fmt: str, path: Path, meta: dict, threads: int = 1, compile: bo
     if fmt == "coreml":
         return (CoreMLRuntime(path, meta, threads) if coreml_can_run()
                 else MilRuntime(path, meta, threads, compile, batch_size, simulation))
+    if fmt == "openvino":
+        from pipeline.runtimes.openvino import OpenVINORuntime   # imports openvino: only when asked
+        return OpenVINORuntime(path, meta, threads)
     raise ValueError(f"no runtime for format {fmt!r}")

@@ -14,11 +14,12 @@ from pipeline.formats import get_exporter
 from pipeline.formats.base import ExportContext, ExportError
 from pipeline.formats.coreml import CoreMLConfig
 from pipeline.formats.onnx import OnnxConfig
+from pipeline.formats.openvino import OpenVINOConfig
 from pipeline.formats.tflite import TFLiteConfig
 from pipeline.io.checkpoints import load_model
 from pipeline.io.data import preprocess_of, sample_images
 from pipeline.quant.fakequant import model_file
-from pipeline.schemes import FORMATS, Format
+from pipeline.schemes import ALL_FORMATS, FORMATS, Format
 from pipeline.search.accuracy_aware import export_within_budget
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,11 @@ class ExportConfig:
     coreml: CoreMLConfig = field(default_factory=CoreMLConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     tflite: TFLiteConfig = field(default_factory=TFLiteConfig)
+    openvino: OpenVINOConfig = field(default_factory=OpenVINOConfig)
 
     def validate(self):
         if not self.formats:
-            raise ValueError("formats is empty: name at least one of coreml, onnx, tflite")
+            raise ValueError(f"formats is empty: name at least one of {', '.join(ALL_FORMATS)}")
         if len(set(self.formats)) != len(self.formats):
             raise ValueError(f"formats lists a format twice: {self.formats}")
 
@@ -45,7 +47,7 @@ def for_format(fmt: str, cfg: ExportConfig) -> ExportConfig:
     settings at their defaults (so changing one format's knob re-runs only that format)."""
     defaults = ExportConfig()
     return replace(cfg, formats=[fmt], **{f: getattr(cfg if f == fmt else defaults, f)
-                                          for f in ("coreml", "onnx", "tflite")})
+                                          for f in ALL_FORMATS})
 
 
 def artifact_stem(variant: str, scheme: str) -> str:

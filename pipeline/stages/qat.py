@@ -28,7 +28,7 @@ from pipeline.io.data import (DataConfig, calibration_pixels, fingerprint_data, 
 from pipeline.models.equalize import check_alpha, equalize_residual_stream
 from pipeline.quant.fakequant import BACKEND_OF_FORMAT, model_file
 from pipeline.quant.training import RESULT, Job, Schedule, train
-from pipeline.schemes import FORMATS, Format
+from pipeline.schemes import FORMATS, Format, unsupported
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,10 @@ class QatConfig:
     def validate(self):
         if not self.formats:
             raise ValueError("formats is empty: name at least one of coreml, onnx, tflite")
+        untrainable = [f for f in self.formats if f not in BACKEND_OF_FORMAT]
+        if untrainable:
+            raise ValueError(f"QAT cannot train for {', '.join(untrainable)}: "
+                             f"{unsupported(untrainable[0], 'qat-int8')}; formats: {', '.join(BACKEND_OF_FORMAT)}")
         for name in ("train_images", "steps", "batch_size", "checkpoint_every", "nproc_per_node"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
