@@ -46,6 +46,11 @@ class OnnxConfig:
     # QuantizeLinear) or as x * sigmoid(1.702 x) (sigmoid: QLinearSigmoid and QLinearMul,
     # integer kernels; an approximation of GELU). docs/int8-speed.md: what each measured.
     gelu: Literal["exact", "sigmoid"] = "exact"
+    # int8: weights in 7 bits (onnxruntime's reduce_range) so that CPUs without VNNI (AVX2,
+    # AVX-512 before VNNI), whose u8 x s8 multiply-add (VPMADDUBSW) saturates at 16 bits,
+    # compute what the model says. The .onnx runs on CPUs the pipeline never sees
+    # (docs/int8-fidelity.md: what each measured, on which CPU).
+    reduce_range: bool = True
 
     def validate(self):
         if not 90.0 <= self.percentile <= 100.0:
@@ -292,7 +297,7 @@ def quantize_int8(path: Path, calibration: np.ndarray, cfg: OnnxConfig,
                                              input_name=INPUT)
             quantize_static(
                 str(pre), str(path), None if cache else Reader(), calibration_cache_path=cache,
-                quant_format=QuantFormat.QDQ, per_channel=True,
+                quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=cfg.reduce_range,
                 activation_type=QuantType.QUInt8 if cfg.activations == "uint8" else QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,

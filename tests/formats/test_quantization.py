@@ -398,7 +398,12 @@ def test_onnx_percentile_calibration_is_onnxruntimes_own(trained, tmp_path):
     assert set(got.keys()) == set(want.keys()) and len(want.keys()) > 50
     for name in want.keys():
         lo, hi = (float(v) for v in want[name].range_value)
-        assert [float(v) for v in got[name].range_value] == pytest.approx([lo, hi], rel=1e-5, abs=1e-6 * (hi - lo)), name
+        # The threshold is a histogram bin edge: float outputs that differ in the last bit
+        # between the two sessions (seen on an AVX2 CPU) can move a value across an edge, so
+        # ranges agree to one bin (2048 bins over the tensor's largest |x|), not to the bit.
+        edges = own.collector.histogram_dict[name][1]
+        bin_width = float(edges[1] - edges[0])
+        assert [float(v) for v in got[name].range_value] == pytest.approx([lo, hi], rel=1e-5, abs=1.01 * bin_width), name
 
 
 @pytest.mark.filterwarnings("ignore:Warning. Enabling .experimental_preserve_all_tensors")
