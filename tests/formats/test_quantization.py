@@ -573,16 +573,19 @@ def test_weights_on_the_torchao_qat_grid_are_deployed_exactly(fmt, trained, tmp_
     """Rounding decided in PyTorch survives each converter: weights on the grid torchao's
     QAT trains (per-channel symmetric, [-127, 127], scale max|w| / 127) come out of the ONNX
     and TFLite exports as the same integers and scales, read back from the files. (TFLite's
-    stem differs by design: 1/std of the input normalization is folded into it.)"""
+    stem differs by design: 1/std of the input normalization is folded into it.) ONNX keeps
+    the 8-bit grid with ``export.onnx.reduce_range: false``; its 7-bit default re-rounds."""
     from dataclasses import replace
 
+    from pipeline.formats.onnx import OnnxConfig
     from pipeline.quant.fakequant import _w8a8_specs
 
     spec = _w8a8_specs()[1]
     assert (spec.quant_min, spec.quant_max, spec.qscheme) == (-127, 127, torch.per_channel_symmetric)
     model, grid = _on_grid(trained.fused, spec.quant_min, spec.quant_max)
     read = {"onnx": _onnx_weights, "tflite": _tflite_weights}[fmt]
-    deployed = list(read(export(fmt, "int8", replace(trained, fused=model), tmp_path).path))
+    cfg = OnnxConfig(reduce_range=False) if fmt == "onnx" else None
+    deployed = list(read(export(fmt, "int8", replace(trained, fused=model), tmp_path, cfg).path))
     assert len(deployed) == len(grid)
     left, unmatched = dict(grid), []
     for name, ints, scales in deployed:
