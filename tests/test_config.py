@@ -118,3 +118,37 @@ def test_unknown_variant_and_quant_list_valid_ones():
 def test_missing_data_folder(tmp_path):
     with pytest.raises(RecipeError, match="data folder not found"):
         resolve_recipe(RunOptions(quant="fp32", data=str(tmp_path / "nope")))
+
+
+def _fields(cls, prefix=""):
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from _fields(type(default), f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", default
+
+
+def _keys(data, prefix=""):
+    for k, v in data.items():
+        if isinstance(v, dict):
+            yield from _keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def test_base_recipe_spells_out_every_config_key_at_its_default():
+    """recipes/base.yaml is the reference of the keys: each typed config field appears there,
+    at the value the config class defaults to, and nothing else does."""
+    import yaml
+
+    from pipeline.core.config import resolve_recipe_path
+
+    base = yaml.safe_load(resolve_recipe_path("base").read_text())
+    want = {f"{s}.{k}": v for s, cls in SECTIONS.items() for k, v in _fields(cls)}
+    have = dict(_keys({s: base[s] for s in SECTIONS}))
+    assert sorted(set(want) - set(have)) == [] and sorted(set(have) - set(want)) == []
+    differ = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+    assert not differ, differ

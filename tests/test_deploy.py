@@ -30,9 +30,9 @@ def tiny(tmp_path_factory):
     return d
 
 
-def make_deploy(tiny, artifacts, extra_set="", env=None):
+def make_deploy(tiny, artifacts, extra_set="", env=None, quant="fp16"):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    cmd = ["make", "-s", "deploy", f"PY={sys.executable}", "VARIANT=m0.6", "QUANT=fp16",
+    cmd = ["make", "-s", "deploy", f"PY={sys.executable}", "VARIANT=m0.6", f"QUANT={quant}",
            f"CKPT={tiny / 'tiny.pth'}", f"DATA={tiny / 'data'}", f"ARTIFACTS={artifacts}",
            f"SET={FAST} {extra_set}".strip()]
     start = time.perf_counter()
@@ -180,21 +180,49 @@ def test_qat_int8_deploy_trains_once_and_hands_its_model_to_export(tiny, tmp_pat
                                                                         "validate.onnx"}
 
 
+def test_openvino_int8_deploy_end_to_end(tiny, tmp_path):
+    """The opt-in OpenVINO format through `make deploy QUANT=int8`: the IR folder beside
+    labels and report, quantized by nncf on the deploy's calibration images, scored and timed
+    in OpenVINO's runtime, which names the precision that ran, with the execution read back
+    from the compiled model."""
+    artifacts = tmp_path / "artifacts"
+    out, _ = make_deploy(tiny, artifacts, "export.formats=[openvino] quantize.max_drop=null "
+                         "quantize.min_calibration_images=6", quant="int8")
+    folder = artifacts / "m0.6-int8"
+    ir = folder / "RepViT-M0.6-int8_openvino_model"
+    assert sorted(p.name for p in ir.iterdir()) == ["RepViT-M0.6-int8.bin", "RepViT-M0.6-int8.xml"]
+    rep = json.loads((folder / "report.json").read_text())
+    (a,) = rep["artifacts"]
+    assert a["format"] == "openvino" and a["method"] == "measured" and rep["failed"] == []
+    assert a["runtime"].startswith("OpenVINO ") and "f32 inference precision" in a["runtime"]
+    assert a["accuracy"]["n"] == 6 and a["fidelity"]["top1_agreement"] >= 0.5
+    n = os.cpu_count()
+    assert [l["target"] for l in a["latency"]] == ["host (1 thread)", f"host ({n} thread{'s' * (n > 1)})"]
+    assert all(l["method"] == "measured" and l["median_ms"] > 0 for l in a["latency"])
+    e = a["export"]["execution"]
+    assert sum(e["integer_layers"].values()) > 20 and "Convolution" in e["float_layers"]   # SE convs
+    ops = a["export"]["ops"]   # the IR as nncf wrote it: quantize-dequantize around the convolutions
+    assert ops["FakeQuantize"] > 20 and ops["Convolution"] + ops["GroupConvolution"] == 70 and ops["Gelu"] > 0
+    md = (folder / "report.md").read_text()
+    assert "OpenVINO" in md and "integer layers" in md and "FakeQuantize" in md
+
+
 def test_compare_puts_schemes_side_by_side(tiny, tmp_path):
     """make compare: each scheme deployed, one table (JSON, Markdown, HTML) and a plot; a
     format that cannot express a scheme is a row saying why."""
     artifacts = tmp_path / "artifacts"
     cmd = ["make", "-s", "compare", f"PY={sys.executable}", "VARIANT=m0.6", "QUANTS=fp16 w8",
            f"CKPT={tiny / 'tiny.pth'}", f"DATA={tiny / 'data'}", f"ARTIFACTS={artifacts}",
-           f"SET={FAST} export.formats=[onnx,tflite]"]
+           f"SET={FAST} export.formats=[onnx,tflite,openvino]"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     folder = artifacts / "m0.6-compare"
     result = json.loads((folder / "compare.json").read_text())
     rows = {(r["scheme"], r["format"]): r for r in result["rows"]}
-    assert set(rows) == {("fp16", "onnx"), ("fp16", "tflite"), ("w8", "onnx"), ("w8", "tflite")}
+    assert set(rows) == {(q, f) for q in ("fp16", "w8") for f in ("onnx", "tflite", "openvino")}
     assert "onnxruntime has no weight-only int8" in rows[("w8", "onnx")]["skipped"]
-    for key in (("fp16", "onnx"), ("fp16", "tflite"), ("w8", "tflite")):
+    assert "f32 inference precision" in rows[("w8", "openvino")]["host_method"]
+    for key in (("fp16", "onnx"), ("fp16", "tflite"), ("w8", "tflite"), ("fp16", "openvino"), ("w8", "openvino")):
         r = rows[key]
         assert r["n"] == 6 and r["host_ms"] > 0 and r["method"] == "measured"
         assert abs(r["drop"]["points"] - 100 * (result["reference"]["accuracy"]["top1"] - r["top1"])) < 1e-6

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -96,6 +97,7 @@ class OpenVINOExporter(SchemeSupport):
         out.mkdir(parents=True)
         xml = out / (out.name.removesuffix(self.suffix) + ".xml")
         ov.save_model(ov_model, str(xml), compress_to_fp16=ctx.scheme == "fp16")
+        facts["ops"] = op_counts(ov_model)
         rt = OpenVINORuntime(out, ctx.meta, threads=1, precision="f32")
         if ctx.check_inputs is not None:
             facts["parity"] = check_parity(
@@ -103,7 +105,7 @@ class OpenVINOExporter(SchemeSupport):
                 rt.predict(ctx.check_inputs), f"{rt.name} (measured), vs PyTorch float32",
                 cfg.tolerance if ctx.scheme == "fp32" else None)
         if ctx.int8:
-            facts["execution"] = execution(rt.compiled)
+            facts["execution"] = execution(rt.program)
         return ExportResult(out, facts)
 
     @classmethod
@@ -169,6 +171,12 @@ class OpenVINOExporter(SchemeSupport):
                     ignored_scope=ignored, advanced_parameters=advanced)
         except Exception as e:
             raise ExportError(f"nncf int8 quantization failed: {type(e).__name__}: {e}") from e
+
+
+def op_counts(ov_model) -> dict[str, int]:
+    """The IR's operations by type (constants, parameters and results aside)."""
+    counts = Counter(op.get_type_name() for op in ov_model.get_ops())
+    return {k: v for k, v in counts.items() if k not in ("Constant", "Parameter", "Result")}
 
 
 def _version(dist: str) -> str:

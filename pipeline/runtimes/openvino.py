@@ -58,9 +58,9 @@ class OpenVINORuntime:
         model = self.core.read_model(model_xml(path))
         self.facts = rt_facts(model)
         self.requested = precision or self.facts.get("inference_precision", "f32")
-        self.compiled = self.core.compile_model(model, "CPU", compile_config(self.requested, threads))
-        self.request = self.compiled.create_infer_request()
-        self.precision = ran_precision(self.compiled)
+        self.program = self.core.compile_model(model, "CPU", compile_config(self.requested, threads))
+        self.request = self.program.create_infer_request()
+        self.precision = ran_precision(self.program)
         self.meta = meta
         self.name = f"OpenVINO {ov.get_version().split('-')[0]} CPU ({self.precision} inference precision)"
 
