@@ -1,9 +1,10 @@
 """Host latency of the shipped artifacts (int8 and fp16 vs fp32), batch 1, each pair
 measured alternating in one process (these machines are noisy: only ratios in one run mean
 anything); how each int8 artifact executes (LiteRT delegate partitions and the ops left
-outside XNNPACK; onnxruntime's ops in float between DequantizeLinear and QuantizeLinear)
-and onnxruntime's per-op time split from its profiler. Also the wall time of `make deploy`
-cold and warm.
+outside XNNPACK; onnxruntime's ops in float between DequantizeLinear and QuantizeLinear;
+OpenVINO's layers by runtime precision) and onnxruntime's per-op time split from its
+profiler; onnxruntime int8 with ``export.onnx.gelu: sigmoid``, and OpenVINO int8 against
+onnxruntime int8. Also the wall time of `make deploy` cold and warm.
 
 The weights are the seeded untrained ones of `CKPT=random`, with BatchNorm statistics
 randomized so that every layer is active (pipeline/models/init.py): speed as with trained
@@ -91,9 +92,13 @@ def main():
     ap.add_argument("--variant", default="m0.9")
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--formats", nargs="+", default=["onnx", "tflite", "openvino"])
     ap.add_argument("--no-deploy-timing", action="store_true")
     args = ap.parse_args()
-    reports, path_of, meta, pixel = latency_artifacts(args.variant, ("fp32", "fp16", "int8"))
+    reports, path_of, meta, pixel = latency_artifacts(args.variant, ("fp32", "fp16", "int8"), tuple(args.formats))
+    if "onnx" in args.formats:   # export.onnx.gelu: sigmoid, an int8 artifact of its own
+        _, sigmoid_path, _, _ = latency_artifacts(args.variant, ("int8",), ("onnx",), ("export.onnx.gelu=sigmoid",),
+                                                  "bench-latency-gelu-sigmoid")
 
     print(f"measured: {cpu_name()}, RepViT-{args.variant.upper()} (untrained weights, BatchNorm "
           f"randomized: speed only), {meta['input_size']}px, batch 1, {args.runs} alternating runs "
@@ -101,8 +106,8 @@ def main():
           "already converted)")
     print(f"{'runtime':22} {'threads':>7} {'scheme':6} {'ms':>7} {'fp32 ms':>8} {'ratio':>6}")
     rows = [("onnxruntime", "onnx", None), ("onnxruntime, spinning", "onnx", SpinningOnnx),
-            ("LiteRT", "tflite", None)]
-    for label, fmt, runtime in rows:
+            ("LiteRT", "tflite", None), ("OpenVINO (f32 / int8)", "openvino", None)]
+    for label, fmt, runtime in [r for r in rows if r[1] in args.formats]:
         for threads in args.threads:
             for q in ("fp16", "int8"):
                 make = runtime or (lambda p, m, t, f=fmt: open_runtime(f, p, m, t))
@@ -110,17 +115,33 @@ def main():
                 t32, tq = timer([make(path_of("fp32", fmt), meta, threads),
                                  make(path_of(q, fmt), meta, threads)], pixel, runs=args.runs)
                 print(f"{label:22} {threads:>7} {q:6} {tq:7.2f} {t32:8.2f} {tq / t32:6.2f}")
+    if "onnx" in args.formats:
+        print("\nonnxruntime int8 with export.onnx.gelu: sigmoid (x * sigmoid(1.702 x)) against fp32 "
+              "and against exact-GELU int8, alternating in one run:")
+        for threads in args.threads:
+            t32, tq, tsig = alternate_latency([open_runtime("onnx", p, meta, threads) for p in (
+                path_of("fp32", "onnx"), path_of("int8", "onnx"), sigmoid_path("int8", "onnx"))], pixel, runs=args.runs)
+            print(f"  {threads} thread(s): fp32 {t32:.2f} ms, int8 exact GELU {tq:.2f} ms ({tq / t32:.2f}), "
+                  f"int8 sigmoid GELU {tsig:.2f} ms ({tsig / t32:.2f})")
+    if {"onnx", "openvino"} <= set(args.formats):
+        print("\nint8 across runtimes, the same model, alternating in one run:")
+        for threads in args.threads:
+            tov, tort = alternate_latency([open_runtime(f, path_of("int8", f), meta, threads)
+                                           for f in ("openvino", "onnx")], pixel, runs=args.runs)
+            print(f"  {threads} thread(s): OpenVINO {tov:.2f} ms, onnxruntime {tort:.2f} ms "
+                  f"(OpenVINO / onnxruntime {tov / tort:.2f})")
 
     print("\nhow the int8 artifacts execute:")
-    tfl = tflite_execution(path_of("int8", "tflite"))
-    print(f"  tflite: {execution_line(tfl)[0]}")
-    onnx_facts = next(a for a in reports["int8"][0]["artifacts"] if a["format"] == "onnx")["export"]
-    print(f"  onnx:   {execution_line(onnx_facts['execution'])[0]}")
+    if "tflite" in args.formats:
+        print(f"  tflite: {execution_line(tflite_execution(path_of('int8', 'tflite')))[0]}")
+    for a in reports["int8"][0]["artifacts"]:
+        if a["format"] != "tflite" and a["export"].get("execution"):
+            print(f"  {a['format']}: {execution_line(a['export']['execution'])[0]}")
     print("  LiteRT per-op times: not available from LiteRT's Python API (the XNNPACK partition is "
           "one node); TFLite's benchmark_model --enable_op_profiling=true gives them on a device.")
 
     print("\nonnxruntime per-op time split (its profiler, ms per run):")
-    for threads in args.threads:
+    for threads in args.threads if "onnx" in args.formats else ():
         for scheme in ("fp32", "int8"):
             split = onnx_op_split(path_of(scheme, "onnx"), meta, pixel, threads)
             total = sum(split.values())

@@ -117,6 +117,14 @@ def main():
         print(f"{a['format']:7} {100 * p['accuracy']['top1']:9.2f} {pd:9.2f} {pa:9.2f} {100 * a['accuracy']['top1']:9.2f} "
               f"{qd:9.2f} {qa:9.2f} {p['fidelity'].get('mean_kl', float('nan')):8.5f} {a['fidelity'].get('mean_kl', float('nan')):8.5f}  "
               f"{goal_met(pd, qd)} | {'yes' if qa >= 99 else 'NO'} [{a['method']}]")
+    print("Which artifact qat-int8 shipped (pipeline/search/qat_gate.py: held-out training images, each "
+          "format's runtime; KL gain = post-training KL - QAT KL, paired, ± 1 s.e.):")
+    for a in qat["artifacts"]:
+        v = a["export"].get("qat_vs_ptq")
+        if v:
+            print(f"  {a['format']:7} held-out KL QAT {v['qat']['mean_kl']:.5f}, post-training {v['ptq']['mean_kl']:.5f}, "
+                  f"gain {v['kl_gain']:.2e} ± {v['kl_gain_se']:.2e} on {v['images']} images; shipped "
+                  f"{'QAT' if v['shipped'] == 'qat' else 'post-training'}; qat stage {v['qat_seconds']} s")
     print("Disagreements with float by float's top-1 - top-2 probability margin:")
     for a in qat["artifacts"]:
         print(f"  {a['format']:7} PTQ {disagreements_by_margin(rows[a['format']]['fidelity'])}\n"

@@ -77,16 +77,18 @@ def disagreements_by_margin(fid: dict) -> str:
                      for b in fid.get("agreement_by_float_margin", []))
 
 
-def latency_artifacts(variant: str, schemes: tuple[str, ...]):
+def latency_artifacts(variant: str, schemes: tuple[str, ...], formats: tuple[str, ...] = ("onnx", "tflite"),
+                      sets: tuple[str, ...] = (), folder: str = "bench-latency"):
     """The artifacts the latency benches time: ``CKPT=random`` (untrained, BatchNorm
-    randomized: speed as trained, accuracy meaningless), ONNX and TFLite, one deploy per
-    scheme under artifacts/bench-latency (cached). Returns the reports, a ``path_of(scheme,
-    fmt)`` lookup, the preprocessing meta and one preprocessed photo (NHWC uint8, batch 1)."""
+    randomized: speed as trained, accuracy meaningless), ``formats``, one deploy per scheme
+    under artifacts/``folder`` (cached), ``sets`` added to each. Returns the reports, a
+    ``path_of(scheme, fmt)`` lookup, the preprocessing meta and one preprocessed photo (NHWC
+    uint8, batch 1)."""
     from pipeline.app.deploy import RunOptions, deploy
     from pipeline.io.data import preprocess_of, sample_images
 
-    base = dict(variant=variant, checkpoint="random", artifacts=ROOT / "artifacts" / "bench-latency",
-                sets=("export.formats=[onnx,tflite]", "validate.latency_runs=5"))
+    base = dict(variant=variant, checkpoint="random", artifacts=ROOT / "artifacts" / folder,
+                sets=(f"export.formats=[{','.join(formats)}]", "validate.latency_runs=5", *sets))
     reports = {q: deploy(RunOptions(quant=q, **base)) for q in schemes}
     meta = reports[schemes[0]][0]["preprocess"] | {"classes": []}
 

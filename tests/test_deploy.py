@@ -157,11 +157,23 @@ def test_qat_int8_deploy_trains_once_and_hands_its_model_to_export(tiny, tmp_pat
     assert t["formats"] == ["onnx"] and t["steps"] == 6 and t["world_size"] == 1
     (onnx,) = rep["artifacts"]
     assert onnx["path"] == "RepViT-M0.6-qat-int8.onnx"
-    assert "fine-tuned by quantization-aware training" in onnx["export"]["precision"]
-    # QAT started from the equalized model, and its learned ranges reached onnxruntime.
+    assert sorted(p.name for p in (artifacts / "m0.6-qat-int8").glob("*.onnx")) == [onnx["path"]]
+    # The fine-tuned artifact and its post-training twin, both measured in onnxruntime on the
+    # held-out images; the one closer to float shipped, and the report says which and why.
+    v = onnx["export"]["qat_vs_ptq"]
+    assert v["images"] == 16 and v["qat_seconds"] > 0 and v["qat"]["mean_kl"] >= 0 <= v["ptq"]["mean_kl"]
+    assert v["kl_gain"] == pytest.approx(v["ptq"]["mean_kl"] - v["qat"]["mean_kl"], abs=2e-6)
+    assert v["shipped"] == ("qat" if v["kl_gain"] > 2 * v["kl_gain_se"] else "ptq")
+    origin = {"qat": "fine-tuned by quantization-aware training", "ptq": "post-training: no training"}
+    assert origin[v["shipped"]] in onnx["export"]["precision"]
+    md = (artifacts / "m0.6-qat-int8" / "report.md").read_text()
+    assert "QAT against post-training int8 on 16 held-out images" in md and v["why"] in md
+    # QAT started from the equalized model, and (where QAT's artifact shipped) its learned
+    # ranges reached onnxruntime.
     assert rep["qat"]["equalization"]["tensors"] > 0
-    assert "tensors' ranges learned by QAT (TensorQuantOverrides)" in onnx["export"]["precision"]
-    assert "Quantization-aware training on" in (artifacts / "m0.6-qat-int8" / "report.md").read_text()
+    if v["shipped"] == "qat":
+        assert "tensors' ranges learned by QAT (TensorQuantOverrides)" in onnx["export"]["precision"]
+    assert "Quantization-aware training on" in md
     # No spare labelled CALIB: the budget is checked in agreement points on natural photos.
     aa = onnx["export"]["accuracy_aware"]
     assert aa["checked"] and aa["unit"] == "agreement points" and aa["images"] == 16

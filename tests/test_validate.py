@@ -89,3 +89,18 @@ def test_reference_compiled_for_large_sets_matches_eager(trained, tmp_path):
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
         assert ("inductor-compiled" in facts["runtime"]) == (setting == "always"), facts
     assert facts["compiled"]["compiled"] and facts["compiled"]["max_rel_diff_vs_eager"] <= 1e-4
+
+
+def test_qat_ships_only_when_closer_to_float_beyond_the_noise():
+    """qat_gate.compare: QAT's artifact wins on a paired KL gain above 2 standard errors; a
+    gain of the same mean inside the noise, or a loss, ships post-training int8."""
+    from pipeline.search.qat_gate import compare
+
+    rng = np.random.default_rng(0)
+    ptq = rng.gamma(2.0, 0.001, 2000)
+    wins, gain, se = compare(ptq * 0.8, ptq)          # 20% lower KL on every image
+    assert wins and gain == pytest.approx(0.2 * ptq.mean()) and se < gain / 10
+    noisy = ptq * 0.8 + rng.normal(0, 0.05, ptq.size)   # same mean gain, buried in per-image noise
+    wins, gain, se = compare(noisy, ptq)
+    assert not wins and abs(gain) < 2 * se
+    assert not compare(ptq * 1.2, ptq)[0] and not compare(ptq, ptq)[0]

@@ -237,6 +237,10 @@ def summary(rep: dict, folder: Path) -> str:
                       f"{'<=' if b['met'] else '>'} {b['max_drop']} {b['unit']})")
         lines.append(f"  {a['format']:7} {a['path']:34} {a['bytes'] / 1e6:7.2f} MB  {quality} "
                      f"[{a['method']}]{lat_s}{budget}")
+        versus = a["export"].get("qat_vs_ptq")
+        if versus:
+            lines.append(f"          shipped: {'QAT' if versus['shipped'] == 'qat' else 'post-training int8'}: "
+                         f"{versus['why']}")
     for s in rep["skipped"]:
         lines.append(f"  {s['format']:7} not produced: {s['reason']}")
     for f in rep["failed"]:

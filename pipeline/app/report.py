@@ -170,6 +170,29 @@ def _qat(facts: dict) -> dict:
         for backend, t in facts["trained"].items()}}
 
 
+def qat_vs_ptq_lines(artifacts: list[dict]) -> list[str]:
+    """qat-int8: each format's fine-tuned artifact beside its post-training twin, measured in
+    the format's runtime on the held-out images, and which one shipped."""
+    rows = [(a["format"], a["export"]["qat_vs_ptq"]) for a in artifacts if a["export"].get("qat_vs_ptq")]
+    if not rows:
+        return []
+    first = rows[0][1]
+    lines = [f"QAT against post-training int8 on {first['images']} held-out images ({first['source']}), "
+             f"each in its format's runtime; drop in {first['unit']} (± 1 s.e.); {first['criterion']}:", "",
+             "| format | QAT: drop / agreement % / mean KL | post-training: drop / agreement % / mean KL | "
+             "KL gain of QAT (± 1 s.e.) | QAT stage, s | shipped |", "|---|---|---|---|---:|---|"]
+    for fmt, v in rows:
+        q, p = v["qat"], v["ptq"]
+        lines.append(f"| {fmt} | {q['drop']:.2f} ± {q['standard_error']:.2f} / {_pct(q['agreement'])} / "
+                     f"{q['mean_kl']:.5f} | {p['drop']:.2f} ± {p['standard_error']:.2f} / {_pct(p['agreement'])} / "
+                     f"{p['mean_kl']:.5f} | {v['kl_gain']:.2e} ± {v['kl_gain_se']:.2e} | "
+                     f"{v['qat_seconds'] if v['qat_seconds'] is not None else '-'} | "
+                     f"**{'QAT' if v['shipped'] == 'qat' else 'post-training'}** |")
+    lines.append("")
+    lines += [f"- **{fmt}**: {v['why']}." for fmt, v in rows] + [""]
+    return lines
+
+
 def _counts(d: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
 
@@ -259,6 +282,7 @@ def markdown(r: dict) -> str:
                          f"{_pct(t['holdout_agreement_after'])}% after, mean KL(float || student) "
                          f"{t['holdout_kl_before']:.5f} -> {t['holdout_kl_after']:.5f} (simulated in PyTorch).")
         lines.append("")
+        lines += qat_vs_ptq_lines(r["artifacts"])
     for f in r.get("failed", []):
         lines.append(f"> **{f['format']} FAILED** in `{f['stage']}`: {f['error']}  \n> What to do: {f['what_to_do']}.\n")
     off = [a["format"] for a in r["artifacts"]

@@ -35,15 +35,17 @@ class OpenVINOConfig:
     inference_precision: Literal["f32", "bf16", "f16", "default"] = "f32"
     # fp32 parity gate: max |OpenVINO (f32) - PyTorch| relative to max |logit|.
     tolerance: float = 1e-4
-    # int8: nncf's bias correction after quantization: fast (one pass, nncf's default),
-    # full (layer by layer, slower) or none (docs/openvino.md: what each measured).
-    bias_correction: Literal["fast", "full", "none"] = "fast"
+    # int8: nncf's bias correction after quantization: none, fast (one pass, nncf's
+    # default) or full (layer by layer, slower) (docs/openvino.md: what each measured).
+    bias_correction: Literal["none", "fast", "full"] = "none"
     # int8: nncf's preset: performance (symmetric activations) or mixed (asymmetric
     # activations, symmetric weights).
     preset: Literal["performance", "mixed"] = "performance"
-    # int8 activation ranges: minmax (the extremes over every calibration image) or
-    # mean_minmax (the mean of each image's extremes, nncf's default; it clips).
-    activation_ranges: Literal["minmax", "mean_minmax"] = "minmax"
+    # int8 activation ranges: histogram (the range whose int8 grid has the least squared
+    # error over a histogram of every calibration value: torchao's HistogramObserver, in
+    # nncf), minmax (the extremes over every calibration image) or mean_minmax (the mean of
+    # each image's extremes, nncf's default; it clips).
+    activation_ranges: Literal["histogram", "minmax", "mean_minmax"] = "histogram"
     # int8 weights in 7 bits so that CPUs without VNNI (AVX2, AVX-512 before VNNI), whose
     # u8 x s8 multiply-add saturates at 16 bits, compute what the IR says: in every layer
     # (enable), the first only (first_layer, nncf's default) or none (disable). The IR
@@ -151,26 +153,30 @@ class OpenVINOExporter(SchemeSupport):
         calibration = ctx.calibration
         ignored = (nncf.IgnoredScope(patterns=[layer_pattern(layer) for layer in ctx.float_layers], validate=True)
                    if ctx.float_layers else None)
-        from nncf.quantization.advanced_parameters import OverflowFix
-        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
-
-        advanced = nncf.AdvancedQuantizationParameters(
-            disable_bias_correction=cfg.bias_correction == "none",
-            overflow_fix={"enable": OverflowFix.ENABLE, "first_layer": OverflowFix.FIRST_LAYER,
-                          "disable": OverflowFix.DISABLE}[cfg.overflow_fix],
-            activations_range_estimator_params={"minmax": RangeEstimatorParametersSet.MINMAX,
-                                                "mean_minmax": RangeEstimatorParametersSet.MEAN_MINMAX
-                                                }[cfg.activation_ranges])
         try:
             with quiet():
                 return nncf.quantize(
                     ov_model, nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))]),
-                    preset=nncf.QuantizationPreset.PERFORMANCE if cfg.preset == "performance"
-                    else nncf.QuantizationPreset.MIXED,
-                    subset_size=len(calibration), fast_bias_correction=cfg.bias_correction != "full",
-                    ignored_scope=ignored, advanced_parameters=advanced)
+                    subset_size=len(calibration), ignored_scope=ignored, **quantization_parameters(cfg))
         except Exception as e:
             raise ExportError(f"nncf int8 quantization failed: {type(e).__name__}: {e}") from e
+
+
+def quantization_parameters(cfg: OpenVINOConfig) -> dict:
+    """nncf.quantize's keyword arguments for ``cfg`` (preset, bias correction, advanced)."""
+    import nncf
+    from nncf.quantization.advanced_parameters import OverflowFix
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet as Ranges
+
+    advanced = nncf.AdvancedQuantizationParameters(
+        disable_bias_correction=cfg.bias_correction == "none",
+        overflow_fix={"enable": OverflowFix.ENABLE, "first_layer": OverflowFix.FIRST_LAYER,
+                      "disable": OverflowFix.DISABLE}[cfg.overflow_fix],
+        activations_range_estimator_params={"histogram": Ranges.HISTOGRAM, "minmax": Ranges.MINMAX,
+                                            "mean_minmax": Ranges.MEAN_MINMAX}[cfg.activation_ranges])
+    return {"preset": nncf.QuantizationPreset.PERFORMANCE if cfg.preset == "performance"
+            else nncf.QuantizationPreset.MIXED,
+            "fast_bias_correction": cfg.bias_correction != "full", "advanced_parameters": advanced}
 
 
 def op_counts(ov_model) -> dict[str, int]:

@@ -289,3 +289,8 @@ def get_backend(name: str, coreml_scheme: str = "symmetric",
 def model_file(fmt: str) -> str:
     """The QAT model for ``fmt`` in the qat (and quantize) output folders."""
     return f"model.{fmt}.pt"
+
+
+# qat-int8: the post-training int8 twin of the fused model in the quantize output folder
+# (equalized as int8's), which each fine-tuned artifact must beat (pipeline/search/qat_gate.py).
+PTQ_TWIN = "ptq_twin.pt"

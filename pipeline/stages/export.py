@@ -18,9 +18,10 @@ from pipeline.formats.openvino import OpenVINOConfig
 from pipeline.formats.tflite import TFLiteConfig
 from pipeline.io.checkpoints import load_model
 from pipeline.io.data import preprocess_of, sample_images
-from pipeline.quant.fakequant import model_file
+from pipeline.quant.fakequant import PTQ_TWIN, model_file
 from pipeline.schemes import ALL_FORMATS, FORMATS, Format
 from pipeline.search.accuracy_aware import export_within_budget
+from pipeline.search.qat_gate import qat_or_ptq
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +76,38 @@ def run(cfg: ExportConfig, inputs: dict, out_dir: Path) -> dict:
         model, ranges = model_for(name, quant, scheme, fused)
         ctx = ExportContext(scheme, ckpt.meta, fused.variant.name, out_dir / (stem + exporter.suffix),
                             calibration, check, activation_ranges=ranges)
-        result, budget = export_within_budget(exporter, model, ctx, getattr(cfg, name), quant, quant_facts,
-                                              reference=fused)
+        fmt_cfg = getattr(cfg, name)
+        result, budget = export_within_budget(exporter, model, ctx, fmt_cfg, quant, quant_facts, reference=fused)
+        versus = None
+        if scheme == "qat-int8" and "images" in (quant_facts.get("budget_set") or {}):
+            result, budget, versus = _against_post_training(exporter, (result, budget, ctx), fmt_cfg, quant,
+                                                            quant_facts, fused, out_dir)
         artifacts.append({"format": name, "path": result.path.name, **result.facts,
-                          **({"accuracy_aware": budget} if budget else {})})
+                          **({"accuracy_aware": budget} if budget else {}),
+                          **({"qat_vs_ptq": versus} if versus else {})})
         log.info(f"    {name}: {result.path.name}")
     (out_dir / "labels.txt").write_text("\n".join(ckpt.meta["classes"]) + "\n")
     return {"scheme": scheme, "variant": fused.variant.name, "artifacts": artifacts}
+
+
+def _against_post_training(exporter, qat: tuple, cfg, quant: Path, quant_facts: dict, fused, out_dir: Path):
+    """qat-int8: the format's post-training int8 twin (the equalized fused model, int8's
+    export with this recipe's settings and budget), and whichever of the two is closer to
+    float on the held-out images ships (pipeline/search/qat_gate.py)."""
+    qat_result, qat_budget, qat_ctx = qat
+    twin, _ = load_model(quant / PTQ_TWIN)
+    ptq_ctx = replace(qat_ctx, scheme="int8", activation_ranges={},
+                      out_path=out_dir / ".post-training" / qat_ctx.out_path.name)
+    ptq_ctx.out_path.parent.mkdir(exist_ok=True)
+    log.info(f"    {exporter.name}: post-training int8 twin, to compare with QAT's")
+    ptq_result, ptq_budget = export_within_budget(exporter, twin, ptq_ctx, cfg, quant, quant_facts, reference=fused)
+    trained = (quant_facts.get("qat") or {}).get("trained", {}).values()
+    seconds = next((t.get("seconds_this_run") for t in trained if exporter.name in t.get("formats", [])), None)
+    result, versus = qat_or_ptq(exporter.name, (qat_result, qat_ctx), (ptq_result, ptq_ctx), fused, quant,
+                                quant_facts.get("budget_set"), seconds,
+                                cfg.simulation if isinstance(cfg, CoreMLConfig) else "int8")
+    ptq_ctx.out_path.parent.rmdir()
+    return result, (qat_budget if versus["shipped"] == "qat" else ptq_budget), versus
 
 
 def model_for(fmt: str, quant: Path, scheme: str, fused) -> tuple[torch.nn.Module, dict]:

@@ -24,6 +24,7 @@ from pipeline.io.checkpoints import load_model, parse, read_file, save_pipeline_
 from pipeline.io.data import (DataConfig, DataError, budget_set, calibration_pixels, fingerprint_data,
                               normalized, preprocess_of, resolve_sets)
 from pipeline.models.equalize import check_alpha, equalize_residual_stream
+from pipeline.quant.fakequant import PTQ_TWIN
 from pipeline.quant.sensitivity import layer_sensitivity
 from pipeline.schemes import CALIBRATED, SCHEMES, Scheme
 
@@ -102,12 +103,16 @@ def run(cfg: QuantizeConfig, inputs: dict, out_dir: Path, data: DataConfig) -> d
                 "a larger DATA")
         np.save(out_dir / "calibration_pixels.npy", pixels)
         facts["calibration"] = {"images": int(len(pixels)), "source": sets.calib_description}
-        if cfg.equalize and cfg.scheme == "int8":
-            # qat-int8: QAT equalized before training (its models are equalized already).
+        # qat-int8: QAT's models are equalized already; the post-training twin that each
+        # fine-tuned artifact must beat (pipeline/search/qat_gate.py) is made here as int8's.
+        ptq_file = out_dir / ("model.pt" if cfg.scheme == "int8" else PTQ_TWIN)
+        if cfg.equalize and cfg.scheme in ("int8", "qat-int8"):
             model, _ = load_model(out_dir / "model.pt")
             equalized, facts["equalization"] = equalize_residual_stream(
                 model, torch.from_numpy(normalized(pixels, ckpt.meta)), cfg.equalize_alpha)
-            save_pipeline_checkpoint(out_dir / "model.pt", equalized, ckpt.meta)
-        if cfg.max_drop is not None:
+            save_pipeline_checkpoint(ptq_file, equalized, ckpt.meta)
+        elif cfg.scheme == "qat-int8":
+            shutil.copyfile(out_dir / "model.pt", ptq_file)
+        if cfg.max_drop is not None or cfg.scheme == "qat-int8":   # qat-int8: the held-out images decide
             facts["budget_set"] = _prepare_budget(cfg, ckpt, sets, data, pixels, out_dir)
     return facts
