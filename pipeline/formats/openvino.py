@@ -69,6 +69,7 @@ class OpenVINOExporter(SchemeSupport):
     def export(self, model: torch.nn.Module, ctx: ExportContext, cfg: OpenVINOConfig) -> ExportResult:
         import openvino as ov
 
+        no_telemetry()
         ov_model = self._with_pixels_in(self._converted(model.eval(), ctx.meta["input_size"]), ctx.meta)
         facts = {"precision": "float32", "inference_precision": cfg.inference_precision,
                  "input": "uint8 RGB NHWC pixels (normalization inside the model)"}
@@ -160,6 +161,23 @@ class OpenVINOExporter(SchemeSupport):
                     subset_size=len(calibration), ignored_scope=ignored, **quantization_parameters(cfg))
         except Exception as e:
             raise ExportError(f"nncf int8 quantization failed: {type(e).__name__}: {e}") from e
+
+
+def no_telemetry() -> None:
+    """Turn off the usage telemetry that OpenVINO's converter and nncf send to Google
+    Analytics (unless the user's consent file says no: openvino_telemetry's ``opt_in_out``),
+    for this process: its one sending point, ``GA4Backend.send``, becomes a no-op. A deploy
+    should not report on its user, and that method forks a process to send from, which after
+    ai-edge-quantizer has loaded JAX can deadlock. Idempotent."""
+    try:
+        from openvino_telemetry.backend.backend_ga4 import GA4Backend
+    except ImportError:   # no telemetry package: nothing is sent
+        return
+    GA4Backend.send = _not_sent
+
+
+def _not_sent(self, message) -> None:
+    return None
 
 
 def quantization_parameters(cfg: OpenVINOConfig) -> dict:

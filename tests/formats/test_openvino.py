@@ -116,3 +116,22 @@ def test_float_layers_run_in_float(int8, trained, tmp_path):
 def test_a_layer_the_ir_does_not_have_is_an_error(trained, tmp_path):
     with pytest.raises(ExportError, match="nncf"):
         export("int8", trained, tmp_path, float_layers=("features.99.conv",))
+
+
+def test_exports_send_no_telemetry(fp32, monkeypatch):
+    """OpenVINO's converter and nncf report usage to Google Analytics from a forked process
+    unless the user opted out; after an export, the one sending point sends nothing and
+    forks nothing (a fork after JAX is loaded can deadlock)."""
+    import os
+
+    from openvino_telemetry.backend.backend_ga4 import GA4Backend
+
+    forks = []
+
+    def fork():
+        forks.append(1)
+        raise OSError("no fork in this test")
+    monkeypatch.setattr(os, "fork", fork)
+    backend = GA4Backend("G-TEST", "repvit-test", "0")
+    backend.send(backend.build_event_message("category", "action", "label"))
+    assert forks == []
