@@ -3,6 +3,7 @@ against its PyTorch twin on natural images."""
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def _against_post_training(exporter, qat: tuple, cfg, quant: Path, quant_facts: 
     result, versus = qat_or_ptq(exporter.name, (qat_result, qat_ctx), (ptq_result, ptq_ctx), fused, quant,
                                 quant_facts.get("budget_set"), seconds,
                                 cfg.simulation if isinstance(cfg, CoreMLConfig) else "int8")
-    ptq_ctx.out_path.parent.rmdir()
+    shutil.rmtree(ptq_ctx.out_path.parent)   # the twin's folder: empty but for what an exporter left
     return result, (qat_budget if versus["shipped"] == "qat" else ptq_budget), versus
 
 
