@@ -295,6 +295,7 @@ def test_resumed_run_equals_uninterrupted_run(backend, trained, tmp_path):
     assert not (cut / CHECKPOINT).exists(), "the checkpoint goes once the result is written"
 
 
+@pytest.mark.slow   # 19 s: torchrun with two gloo processes (DDP is for GPUs; the slow run keeps it honest)
 def test_ddp_with_two_cpu_processes_keeps_weights_in_step(trained, tmp_path):
     folder = make_job(tmp_path / "ddp", trained, steps=6, freeze_observers_step=4, checkpoint_every=100)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

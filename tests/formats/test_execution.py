@@ -74,6 +74,7 @@ def test_global_average_pool_rewrite_is_exact(trained, tmp_path):
     assert np.abs(after - reference_logits(trained)).max() <= 1e-4 * np.abs(before).max()
 
 
+@pytest.mark.slow   # 26 s at 224 px; test_int8_tflite_runs_in_one_xnnpack_partition checks the same on the test model
 def test_default_deploy_int8_tflite_is_one_partition(tmp_path):
     """The default job (m0.9, 224 px, int8) on its untrained fallback weights: the shipped
     .tflite runs in one XNNPACK partition and the report says so."""
