@@ -51,13 +51,14 @@ def nncf_accuracy_control(quant: Path, meta: dict, cfg, max_drop: float):
     import openvino as ov
 
     from pipeline.formats.openvino import OpenVINOExporter, quantization_parameters
+    from pipeline.io.checkpoints import load_model
     from pipeline.runtimes.openvino import compile_config
-    from pipeline.stages.export import load_model
+    from pipeline.search.accuracy_aware import held_out
 
     model, _ = load_model(quant / "model.pt")
-    ov_model = OpenVINOExporter._with_pixels_in(OpenVINOExporter._converted(model.eval(), meta["input_size"]), meta)
+    ov_model = OpenVINOExporter.float_ir(model, meta)
     calibration = np.load(quant / "calibration_pixels.npy")
-    pixels, labels = np.load(quant / "budget_pixels.npy"), np.load(quant / "budget_labels.npy")
+    pixels, labels = held_out(quant)
 
     def top1(compiled, items) -> float:
         return float(np.mean([compiled(x)[0].argmax(1)[0] == y for x, y in items]))
@@ -98,8 +99,8 @@ def main():
     ref = np.load(stage_dir(folder, rep, "reference") / "logits.npy")
     images = stage_dir(folder, rep, "images")
     pixels, labels = np.load(images / "pixels.npy", mmap_mode="r"), np.load(images / "labels.npy")
-    held_out = runs["pipeline's pass"][0]["artifacts"][0]["export"]["accuracy_aware"]["images"]
-    print(f"\n{model_title(rep)}, CIFAR-10; budget {args.max_drop} top-1 points on {held_out} "
+    n_held_out = runs["pipeline's pass"][0]["artifacts"][0]["export"]["accuracy_aware"]["images"]
+    print(f"\n{model_title(rep)}, CIFAR-10; budget {args.max_drop} top-1 points on {n_held_out} "
           f"held-out training images; scored on all "
           f"{len(labels)} test images in OpenVINO CPU (f32 inference precision), this machine (measured)")
     for label, (r, f, seconds) in runs.items():

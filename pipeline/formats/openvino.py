@@ -70,7 +70,7 @@ class OpenVINOExporter(SchemeSupport):
         import openvino as ov
 
         no_telemetry()
-        ov_model = self._with_pixels_in(self._converted(model.eval(), ctx.meta["input_size"]), ctx.meta)
+        ov_model = self.float_ir(model, ctx.meta)
         facts = {"precision": "float32", "inference_precision": cfg.inference_precision,
                  "input": "uint8 RGB NHWC pixels (normalization inside the model)"}
         if ctx.scheme == "fp16":
@@ -81,11 +81,13 @@ class OpenVINOExporter(SchemeSupport):
 
             with quiet():
                 ov_model = nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_SYM)
-            facts["precision"] = (f"int8 weights, symmetric per output channel (nncf {_version('nncf')} "
+            facts["precision"] = (f"int8 weights, symmetric per output channel (nncf {nncf.__version__} "
                                   "compress_weights); decompressed to float where they are used, activations float")
         if ctx.int8:
+            import nncf
+
             ov_model = self._quantize(ov_model, ctx, cfg)
-            facts["precision"] = (f"int8 (nncf {_version('nncf')} post-training quantization, preset "
+            facts["precision"] = (f"int8 (nncf {nncf.__version__} post-training quantization, preset "
                                   f"{cfg.preset}, {cfg.activation_ranges} activation ranges, weights "
                                   f"{'7' if cfg.overflow_fix == 'enable' else '8'}-bit (overflow fix "
                                   f"{cfg.overflow_fix}), bias correction {cfg.bias_correction}, on "
@@ -110,6 +112,11 @@ class OpenVINOExporter(SchemeSupport):
         if ctx.int8:
             facts["execution"] = execution(rt.program)
         return ExportResult(out, facts)
+
+    @classmethod
+    def float_ir(cls, model: torch.nn.Module, meta: dict):
+        """``model`` as the float IR that every scheme starts from: uint8 NHWC pixels in."""
+        return cls._with_pixels_in(cls._converted(model.eval(), meta["input_size"]), meta)
 
     @classmethod
     def _converted(cls, model: torch.nn.Module, size: int):
@@ -202,8 +209,3 @@ def op_counts(ov_model) -> dict[str, int]:
     counts = Counter(op.get_type_name() for op in ov_model.get_ops())
     return {k: v for k, v in counts.items() if k not in ("Constant", "Parameter", "Result")}
 
-
-def _version(dist: str) -> str:
-    import importlib.metadata
-
-    return importlib.metadata.version(dist)

@@ -8,6 +8,7 @@ and its name says the precision the compiled model reports, so no figure hides w
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,13 @@ def ran_precision(compiled) -> str:
     return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
 
+def runtime_name(compiled) -> str:
+    """What ran: OpenVINO's version, its CPU plugin and the precision the compiled model reports."""
+    import openvino as ov
+
+    return f"OpenVINO {ov.get_version().split('-')[0]} CPU ({ran_precision(compiled)} inference precision)"
+
+
 class OpenVINORuntime:
     """uint8 NHWC pixels in, logits out, on OpenVINO's CPU plugin."""
     method, outputs = "measured", "logits"
@@ -62,7 +70,7 @@ class OpenVINORuntime:
         self.request = self.program.create_infer_request()
         self.precision = ran_precision(self.program)
         self.meta = meta
-        self.name = f"OpenVINO {ov.get_version().split('-')[0]} CPU ({self.precision} inference precision)"
+        self.name = runtime_name(self.program)
 
     def predict(self, pixels):
         x = np.ascontiguousarray(pixels, np.uint8)
@@ -73,21 +81,11 @@ class OpenVINORuntime:
         return lambda: self.request.infer([x])
 
 
-def run_openvino(path: Path, pixels: np.ndarray, precision: str = "f32") -> np.ndarray:
-    """Logits for uint8 NHWC ``pixels``, 16 at a time, one thread."""
-    rt = OpenVINORuntime(path, {}, 1, precision)
-    return np.concatenate([rt.predict(pixels[i:i + 16]) for i in range(0, len(pixels), 16)])
-
-
 def execution(compiled) -> dict:
     """How the CPU plugin runs a compiled model, read from its runtime graph (every
     executed layer's ``runtimePrecision``): the layers in integer precision, and those in
     float, by layer type. Constants, reshapes (no work) and the graph's input / output are
     not layers that compute."""
-    from collections import Counter
-
-    import openvino as ov
-
     integer, floating = Counter(), Counter()
     for op in compiled.get_runtime_model().get_ops():
         info = op.get_rt_info()
@@ -95,7 +93,5 @@ def execution(compiled) -> dict:
         if kind in ("Const", "Reshape", "Input", "Output", "Reorder"):
             continue
         (integer if precision in ("i8", "u8") else floating)[kind] += 1
-    return {"runtime": f"OpenVINO {ov.get_version().split('-')[0]} CPU ({ran_precision(compiled)} "
-                       "inference precision)",
-            "integer_layers": dict(integer), "float_layers": dict(floating),
+    return {"runtime": runtime_name(compiled), "integer_layers": dict(integer), "float_layers": dict(floating),
             "how": "read from the compiled model's runtime graph (each layer's runtimePrecision)"}

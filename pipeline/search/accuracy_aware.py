@@ -29,6 +29,29 @@ def probabilities(fmt: str, ctx: ExportContext, pixels: np.ndarray, simulation: 
     return scores if rt.outputs == "probabilities" else softmax(scores)
 
 
+def held_out(quant_dir: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """The quantize stage's held-out images (the budget's) and their labels, if any."""
+    labels = quant_dir / "budget_labels.npy"
+    return np.load(quant_dir / "budget_pixels.npy"), (np.load(labels) if labels.exists() else None)
+
+
+def drop_unit(labels: Optional[np.ndarray]) -> str:
+    return "top-1 points" if labels is not None else "agreement points"
+
+
+def float_probabilities(reference: torch.nn.Module, pixels: np.ndarray, meta: dict) -> np.ndarray:
+    with torch.no_grad():
+        return softmax(reference(torch.from_numpy(normalized(pixels, meta))).numpy())
+
+
+def kl_gain(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
+    """Mean per-image KL(float || artifact) that ``after`` gains over ``before`` (paired), and
+    its standard error (infinite with one image)."""
+    diff = np.asarray(before, np.float64) - np.asarray(after, np.float64)
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("inf")
+    return float(diff.mean()), se
+
+
 def measure_drop(pred: np.ndarray, labels: Optional[np.ndarray], float_pred: np.ndarray) -> tuple[float, float]:
     """What the artifact loses against the float model, and the standard error of that
     paired difference: top-1 points with ``labels``, else top-1 agreement points (the share
@@ -43,7 +66,7 @@ SIGNIFICANCE = 2.0
 
 
 @dataclass
-class Attempt:
+class Attempt:   # one artifact measured on the held-out images
     float_layers: tuple
     drop: float
     standard_error: float
@@ -56,6 +79,16 @@ class Attempt:
         if gain is not None:
             out["kl_gain"], out["kl_gain_se"] = round(gain[0], 6), round(gain[1], 6)
         return out
+
+
+def measure(fmt: str, ctx: ExportContext, pixels: np.ndarray, labels: Optional[np.ndarray],
+            float_probs: np.ndarray, simulation: str = "int8", layers: tuple = ()) -> Attempt:
+    """The artifact at ``ctx.out_path`` on the held-out images, in its own runtime: its drop
+    against float, agreement and per-image KL(float || artifact)."""
+    probs = probabilities(fmt, ctx, pixels, simulation)
+    pred, float_pred = probs.argmax(1), float_probs.argmax(1)
+    return Attempt(layers, *measure_drop(pred, labels, float_pred), float((pred == float_pred).mean()),
+                   kl_per_image(float_probs, probs))
 
 
 def export_within_budget(exporter, model, ctx: ExportContext, cfg, quant_dir: Path, facts: dict,
@@ -78,22 +111,14 @@ def export_within_budget(exporter, model, ctx: ExportContext, cfg, quant_dir: Pa
     budget = facts.get("budget_set")
     if budget is None or "skipped" in budget:
         return result, {"checked": False, "reason": (budget or {}).get("skipped", "no budget images")}
-    pixels = np.load(quant_dir / "budget_pixels.npy")
-    labels_file = quant_dir / "budget_labels.npy"
-    labels = np.load(labels_file) if labels_file.exists() else None
-    unit = "top-1 points" if labels is not None else "agreement points"
+    pixels, labels = held_out(quant_dir)
+    unit = drop_unit(labels)
     ranking = [r["layer"] for r in json.loads((quant_dir / "sensitivity.json").read_text())]
-    reference = model if reference is None else reference
-    with torch.no_grad():
-        float_probs = softmax(reference(torch.from_numpy(normalized(pixels, ctx.meta))).numpy())
-    float_pred = float_probs.argmax(1)
+    float_probs = float_probabilities(model if reference is None else reference, pixels, ctx.meta)
+    simulation = cfg.simulation if isinstance(cfg, CoreMLConfig) else "int8"
 
     def attempt(layers: tuple) -> Attempt:
-        probs = probabilities(exporter.name, ctx, pixels,
-                              cfg.simulation if isinstance(cfg, CoreMLConfig) else "int8")
-        pred = probs.argmax(1)
-        return Attempt(layers, *measure_drop(pred, labels, float_pred), float((pred == float_pred).mean()),
-                       kl_per_image(float_probs, probs))
+        return measure(exporter.name, ctx, pixels, labels, float_probs, simulation, layers)
 
     best = attempt(())
     attempts = [best.summary()]
@@ -105,11 +130,10 @@ def export_within_budget(exporter, model, ctx: ExportContext, cfg, quant_dir: Pa
         log.info(f"    {exporter.name}: drop {best.drop:.2f} {unit} > max_drop {max_drop}: "
                  f"{k} layer(s) in float")
         kept = tuple(ranking[:k])
-        _remove(ctx.out_path)
+        remove_artifact(ctx.out_path)
         result = exporter.export(model, replace(ctx, float_layers=kept), cfg)
         tried = attempt(kept)
-        diff = best.kl - tried.kl
-        gain = (float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff))))
+        gain = kl_gain(best.kl, tried.kl)
         attempts.append(tried.summary(gain))
         if not gain[0] > SIGNIFICANCE * gain[1]:
             # Not closer to float beyond the noise: the loss is not in the layers int8 hurts
@@ -120,7 +144,7 @@ def export_within_budget(exporter, model, ctx: ExportContext, cfg, quant_dir: Pa
         best = tried
         k *= 2
     if len(attempts) > 1 and best is not tried:
-        _remove(ctx.out_path)   # the last attempt was refused: ship the best accepted one
+        remove_artifact(ctx.out_path)   # the last attempt was refused: ship the best accepted one
         result = exporter.export(model, replace(ctx, float_layers=best.float_layers), cfg)
     met = best.drop <= max_drop
     summary = {"checked": True, "unit": unit, "images": int(len(pixels)), "source": budget.get("source"),
@@ -133,7 +157,7 @@ def export_within_budget(exporter, model, ctx: ExportContext, cfg, quant_dir: Pa
             if best.float_layers:
                 summary["latency_vs_all_int8"] = latency_vs_all_int8(exporter.name, ctx, all_int8, pixels[:1])
         finally:
-            _remove(all_int8)
+            remove_artifact(all_int8)
     if not met:
         hint = ("" if labels is not None else
                 " Without labels the drop is in agreement points (an upper bound on the top-1 drop): "
@@ -165,5 +189,5 @@ def _copy(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst) if src.is_dir() else shutil.copy2(src, dst)
 
 
-def _remove(path: Path) -> None:
+def remove_artifact(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() else path.unlink()
