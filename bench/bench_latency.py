@@ -2,9 +2,10 @@
 measured alternating in one process (these machines are noisy: only ratios in one run mean
 anything); how each int8 artifact executes (LiteRT delegate partitions and the ops left
 outside XNNPACK; onnxruntime's ops in float between DequantizeLinear and QuantizeLinear;
-OpenVINO's layers by runtime precision) and onnxruntime's per-op time split from its
-profiler; onnxruntime int8 with ``export.onnx.gelu: sigmoid``, and OpenVINO int8 against
-onnxruntime int8. Also the wall time of `make deploy` cold and warm.
+OpenVINO's layers by runtime precision; ExecuTorch's delegate partitions) and onnxruntime's
+per-op time split from its profiler; onnxruntime int8 with ``export.onnx.gelu: sigmoid``,
+OpenVINO int8 against onnxruntime int8, and the ExecuTorch XNNPACK int8 .pte against the
+int8 .tflite (both XNNPACK). Also the wall time of `make deploy` cold and warm.
 
 The weights are the seeded untrained ones of `CKPT=random`, with BatchNorm statistics
 randomized so that every layer is active (pipeline/models/init.py): speed as with trained
@@ -92,7 +93,7 @@ def main():
     ap.add_argument("--variant", default="m0.9")
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--formats", nargs="+", default=["onnx", "tflite", "openvino"])
+    ap.add_argument("--formats", nargs="+", default=["onnx", "tflite", "openvino", "executorch"])
     ap.add_argument("--no-deploy-timing", action="store_true")
     args = ap.parse_args()
     reports, path_of, meta, pixel = latency_artifacts(args.variant, ("fp32", "fp16", "int8"), tuple(args.formats))
@@ -100,16 +101,20 @@ def main():
         _, sigmoid_path, _, _ = latency_artifacts(args.variant, ("int8",), ("onnx",), ("export.onnx.gelu=sigmoid",),
                                                   "bench-latency-gelu-sigmoid")
 
+    def has(scheme: str, fmt: str) -> bool:
+        return any(a["format"] == fmt and a.get("path") for a in reports[scheme][0]["artifacts"])
+
     print(f"measured: {cpu_name()}, RepViT-{args.variant.upper()} (untrained weights, BatchNorm "
           f"randomized: speed only), {meta['input_size']}px, batch 1, {args.runs} alternating runs "
           "per pair (spinning rows: blocks of 20), medians of the runtime's own call (input "
           "already converted)")
     print(f"{'runtime':22} {'threads':>7} {'scheme':6} {'ms':>7} {'fp32 ms':>8} {'ratio':>6}")
     rows = [("onnxruntime", "onnx", None), ("onnxruntime, spinning", "onnx", SpinningOnnx),
-            ("LiteRT", "tflite", None), ("OpenVINO (f32 / int8)", "openvino", None)]
+            ("LiteRT", "tflite", None), ("OpenVINO (f32 / int8)", "openvino", None),
+            ("ExecuTorch (XNNPACK)", "executorch", None)]
     for label, fmt, runtime in [r for r in rows if r[1] in args.formats]:
         for threads in args.threads:
-            for q in ("fp16", "int8"):
+            for q in [q for q in ("fp16", "int8") if has(q, fmt)]:
                 make = runtime or (lambda p, m, t, f=fmt: open_runtime(f, p, m, t))
                 timer = blocked_latency if runtime else alternate_latency
                 t32, tq = timer([make(path_of("fp32", fmt), meta, threads),
@@ -123,13 +128,15 @@ def main():
                 path_of("fp32", "onnx"), path_of("int8", "onnx"), sigmoid_path("int8", "onnx"))], pixel, runs=args.runs)
             print(f"  {threads} thread(s): fp32 {t32:.2f} ms, int8 exact GELU {tq:.2f} ms ({tq / t32:.2f}), "
                   f"int8 sigmoid GELU {tsig:.2f} ms ({tsig / t32:.2f})")
-    if {"onnx", "openvino"} <= set(args.formats):
-        print("\nint8 across runtimes, the same model, alternating in one run:")
-        for threads in args.threads:
-            tov, tort = alternate_latency([open_runtime(f, path_of("int8", f), meta, threads)
-                                           for f in ("openvino", "onnx")], pixel, runs=args.runs)
-            print(f"  {threads} thread(s): OpenVINO {tov:.2f} ms, onnxruntime {tort:.2f} ms "
-                  f"(OpenVINO / onnxruntime {tov / tort:.2f})")
+    pairs = [(("executorch", "ExecuTorch"), ("tflite", "LiteRT"), "int8 on XNNPACK, ExecuTorch's .pte against LiteRT's .tflite"),
+             (("openvino", "OpenVINO"), ("onnx", "onnxruntime"), "int8 across runtimes, the same model")]
+    for (fa, na), (fb, nb), title in pairs:
+        if {fa, fb} <= set(args.formats):
+            print(f"\n{title}, alternating in one run:")
+            for threads in args.threads:
+                ta, tb = alternate_latency([open_runtime(f, path_of("int8", f), meta, threads) for f in (fa, fb)],
+                                           pixel, runs=args.runs)
+                print(f"  {threads} thread(s): {na} {ta:.2f} ms, {nb} {tb:.2f} ms ({na} / {nb} {ta / tb:.2f})")
 
     print("\nhow the int8 artifacts execute:")
     if "tflite" in args.formats:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-Format = Literal["coreml", "onnx", "tflite", "openvino"]
+Format = Literal["coreml", "onnx", "tflite", "openvino", "executorch", "executorch_coreml"]
 FORMATS: tuple[str, ...] = ("coreml", "onnx", "tflite")     # the default job's app formats
-ALL_FORMATS: tuple[str, ...] = FORMATS + ("openvino",)      # opt-in ones: export.formats names them
+ALL_FORMATS: tuple[str, ...] = FORMATS + ("openvino", "executorch", "executorch_coreml")   # opt-in ones: export.formats names them
 
 Scheme = Literal["fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8", "qat-int8"]
 SCHEMES: tuple[str, ...] = ("fp32", "fp16", "int8", "w8", "pal4", "pal6", "pal8", "qat-int8")
@@ -31,6 +31,21 @@ SUPPORT: dict[str, dict[str, Optional[str]]] = {
                              "the OpenVINO int8 is nncf's post-training quantization (QUANT=int8)",
                  **{p: "not wired: nncf's codebook (look-up-table) weight modes exist but are not measured "
                        "here on convolutions; Core ML is the palettized format" for p in ("pal4", "pal6", "pal8")}},
+    "executorch": {"fp32": None, "int8": None,
+                   "fp16": "measured, not shipped: ExecuTorch's XNNPACK partitioner leaves an fp16 graph's GELU and mean "
+                           "to the portable kernels (20 partitions for m0.6) and it ran slower than fp32 on an x86 CPU "
+                           "(docs/executorch.md); ship fp32 or int8",
+                   "w8": "XNNPACK's int8-weight kernels quantize activations on the fly (dynamic quantization): a "
+                         "different scheme, not wired",
+                   "qat-int8": "QAT trains for the Core ML, ONNX and TFLite quantizers, not ExecuTorch's XNNPACKQuantizer: "
+                               "QUANT=int8 is this format's int8",
+                   **{p: _NO_PALETTE.format("XNNPACK") for p in ("pal4", "pal6", "pal8")}},
+    "executorch_coreml": {"fp32": None, "fp16": None, "int8": None,
+                          **{s: "not wired: ExecuTorch compresses Core ML-delegated weights with torchao before "
+                                "export, not measured here; the .mlpackage is the weight-compressed Core ML format"
+                             for s in ("w8", "pal4", "pal6", "pal8")},
+                          "qat-int8": "QAT's Core ML model is exported as the .mlpackage; QUANT=int8 is this "
+                                      "format's int8 (ExecuTorch's CoreMLQuantizer)"},
 }
 
 # What each cell means, for the table ``python -m pipeline schemes`` prints.
@@ -43,6 +58,9 @@ WHAT = {
     ("tflite", "w8"): "int8 weights (dynamic range)",
     ("openvino", "fp32"): "f32 IR, uint8 pixels in", ("openvino", "fp16"): "fp16-compressed weights",
     ("openvino", "int8"): "nncf int8, uint8 pixels in", ("openvino", "w8"): "nncf int8 weights",
+    ("executorch", "fp32"): ".pte, XNNPACK fp32", ("executorch", "int8"): ".pte, XNNPACK int8",
+    ("executorch_coreml", "fp32"): ".pte, Core ML fp32", ("executorch_coreml", "fp16"): ".pte, Core ML fp16",
+    ("executorch_coreml", "int8"): ".pte, Core ML W8A8",
 }
 
 

@@ -219,20 +219,61 @@ def test_openvino_int8_deploy_end_to_end(tiny, tmp_path):
     assert "OpenVINO" in md and "integer layers" in md and "FakeQuantize" in md
 
 
+def _executorch_deploy(tiny, tmp_path, quant):
+    artifacts = tmp_path / "artifacts"
+    make_deploy(tiny, artifacts, "export.formats=[executorch,executorch_coreml] quantize.max_drop=null "
+                "quantize.min_calibration_images=6", quant=quant)
+    folder = artifacts / f"m0.6-{quant}"
+    assert {f"RepViT-M0.6-{quant}.pte", f"RepViT-M0.6-{quant}.coreml.pte"} <= {p.name for p in folder.iterdir()}
+    rep = json.loads((folder / "report.json").read_text())
+    assert rep["failed"] == []
+    by = {a["format"]: a for a in rep["artifacts"]}
+    xnn, cml = by["executorch"], by["executorch_coreml"]
+    assert xnn["method"] == "measured" and xnn["runtime"].startswith("ExecuTorch ")
+    assert xnn["accuracy"]["n"] == 6 and xnn["fidelity"]["top1_agreement"] >= 0.5
+    n = os.cpu_count()
+    assert [l["target"] for l in xnn["latency"]] == ["host (1 thread)", f"host ({n} thread{'s' * (n > 1)})"]
+    assert all(l["method"] == "measured" and l["median_ms"] > 0 for l in xnn["latency"])
+    assert xnn["export"]["execution"]["fast_path"]
+    assert cml["method"] == "simulated" and "simulated ExecuTorch Core ML delegate" in cml["runtime"]
+    assert cml["latency"] == [] and cml["export"]["execution"]["backend"] == "CoreMLBackend"
+    assert cml["fidelity"]["top1_agreement"] >= 0.5
+    md = (folder / "report.md").read_text()
+    assert "1 XnnpackBackend partition, every op delegated" in md and "CoreMLBackend" in md
+    return xnn, cml
+
+
+def test_executorch_deploy_end_to_end(tiny, tmp_path):
+    """The opt-in ExecuTorch formats through `make deploy`: the XNNPACK .pte scored and
+    timed in ExecuTorch's runtime, its execution read from the program (one XNNPACK
+    partition); the Core ML-delegated .pte read back and simulated on Linux, as the
+    .mlpackage is, and never timed here. fp32 here (int8's lowering takes 20-60 s: the slow
+    run deploys int8, tests/formats/test_executorch.py checks its numerics)."""
+    xnn, cml = _executorch_deploy(tiny, tmp_path, "fp32")
+    assert xnn["fidelity"]["top1_agreement"] == 1.0 and cml["fidelity"]["top1_agreement"] == 1.0
+
+
+@pytest.mark.slow
+def test_executorch_int8_deploy_end_to_end(tiny, tmp_path):
+    xnn, cml = _executorch_deploy(tiny, tmp_path, "int8")
+    assert "XNNPACKQuantizer" in xnn["export"]["precision"] and "CoreMLQuantizer" in cml["export"]["compression"]
+
+
 def test_compare_puts_schemes_side_by_side(tiny, tmp_path):
     """make compare: each scheme deployed, one table (JSON, Markdown, HTML) and a plot; a
     format that cannot express a scheme is a row saying why."""
     artifacts = tmp_path / "artifacts"
     cmd = ["make", "-s", "compare", f"PY={sys.executable}", "VARIANT=m0.6", "QUANTS=fp16 w8",
            f"CKPT={tiny / 'tiny.pth'}", f"DATA={tiny / 'data'}", f"ARTIFACTS={artifacts}",
-           f"SET={FAST} export.formats=[onnx,openvino]"]
+           f"SET={FAST} export.formats=[onnx,openvino,executorch]"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     folder = artifacts / "m0.6-compare"
     result = json.loads((folder / "compare.json").read_text())
     rows = {(r["scheme"], r["format"]): r for r in result["rows"]}
-    assert set(rows) == {(q, f) for q in ("fp16", "w8") for f in ("onnx", "openvino")}
+    assert set(rows) == {(q, f) for q in ("fp16", "w8") for f in ("onnx", "openvino", "executorch")}
     assert "onnxruntime has no weight-only int8" in rows[("w8", "onnx")]["skipped"]
+    assert "slower than fp32" in rows[("fp16", "executorch")]["skipped"]   # a row saying why, no export
     assert "f32 inference precision" in rows[("w8", "openvino")]["host_method"]
     for key in (("fp16", "onnx"), ("fp16", "openvino"), ("w8", "openvino")):
         r = rows[key]

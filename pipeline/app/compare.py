@@ -73,8 +73,10 @@ def _quality(result: dict) -> tuple[str, str]:
     return ("top1", "top-1 accuracy (%)") if labelled else ("agreement", "top-1 agreement with float (%)")
 
 
-FORMAT_MARKERS = {"coreml": "o", "onnx": "s", "tflite": "^", "openvino": "D"}
-FORMAT_NAMES = {"coreml": "Core ML", "onnx": "ONNX", "tflite": "TFLite", "openvino": "OpenVINO"}
+FORMAT_MARKERS = {"coreml": "o", "onnx": "s", "tflite": "^", "openvino": "D", "executorch": "v",
+                  "executorch_coreml": "P"}
+FORMAT_NAMES = {"coreml": "Core ML", "onnx": "ONNX", "tflite": "TFLite", "openvino": "OpenVINO",
+                "executorch": "ExecuTorch (XNNPACK)", "executorch_coreml": "ExecuTorch (Core ML)"}
 
 
 def _y_and_se(r: dict, key: str) -> tuple[float, float]:

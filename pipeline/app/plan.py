@@ -20,7 +20,7 @@ from pipeline.stages import export, images, load, qat, quantize, reference, repa
 
 CONVERTERS = ("torch", "coremltools", "onnx", "onnxscript", "onnxsim", "onnxruntime",
               "litert-torch", "ai-edge-litert", "ai-edge-quantizer",
-              "openvino", "nncf")
+              "openvino", "nncf", "executorch")
 
 SECTIONS = {"load": load.LoadConfig, "reparam": reparam.ReparamConfig,
             "qat": qat.QatConfig, "quantize": quantize.QuantizeConfig, "export": export.ExportConfig,

@@ -197,14 +197,20 @@ def _counts(d: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def _partitions(e: dict, n: int, outside: dict, delegate: str, kernels: str) -> tuple[str, bool]:
+    if e["fast_path"]:
+        return f"{e['runtime']}: 1 {delegate} partition, every op delegated.", True
+    return f"{e['runtime']}: **{n} {delegate} partitions**; left to {kernels}: {_counts(outside) or 'none'}.", False
+
+
 def execution_line(e: dict) -> tuple[str, bool]:
     """(how the artifact executes, in a sentence; whether it stays on its runtime's fast path)."""
-    if "xnnpack_partitions" in e:
-        n, outside = e["xnnpack_partitions"], e["ops_outside_xnnpack"]
-        if e["fast_path"]:
-            return f"{e['runtime']}: 1 partition, every op inside XNNPACK.", True
-        return (f"{e['runtime']}: **{n} partitions**; left to TFLite's built-in kernels between them: "
-                f"{_counts(outside) or 'none'}.", False)
+    if "xnnpack_partitions" in e:   # LiteRT
+        return _partitions(e, e["xnnpack_partitions"], e["ops_outside_xnnpack"], "XNNPACK",
+                           "TFLite's built-in kernels between them")
+    if "delegate_partitions" in e:  # ExecuTorch
+        return _partitions(e, e["delegate_partitions"], e["ops_outside_delegate"], e["backend"],
+                           "ExecuTorch's portable kernels")
     if "float_between_dq_q" in e:
         floats = e["float_between_dq_q"]
         return (f"{e['runtime']}: integer kernels {_counts(e['integer_ops'])}; in float between "
@@ -367,7 +373,7 @@ def markdown(r: dict) -> str:
                 f"({par['relative']:.2e} of max |output|), top-1 agreement {_pct(par['top1_agreement'])}% "
                 f"[{par['runtime']}]") if par else "no parity check"
         ops = ", ".join(f"{k} {v}" for k, v in sorted(e.get("ops", {}).items()))
-        lines.append(f"- **{a['format']}**: {desc}. Ops: {ops}.")
+        lines.append(f"- **{a['format']}**: {desc}" + (f". Ops: {ops}." if ops else "."))
     lines += ["", "## Stages", "", "| stage | key | cached | seconds |", "|---|---|---|---:|"]
     lines += [f"| {s['name']} | `{s['key'][:12]}` | {'yes' if s['cache_hit'] else 'no'} | {s['seconds']:.1f} |"
               for s in r["stages"]]

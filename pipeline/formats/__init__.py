@@ -5,7 +5,7 @@ fused (float) model and what the format needs to know -> an artifact on disk and
 the report. A format that cannot express a scheme says why (``unsupported``, from the one
 table in ``pipeline/schemes.py``) and is skipped: nothing is ever silently substituted.
 Exporters are imported when asked for: each pulls in its converter (coremltools, onnx,
-litert-torch, openvino and nncf).
+litert-torch, openvino and nncf, executorch).
 """
 from __future__ import annotations
 
@@ -26,4 +26,10 @@ def get_exporter(name: str) -> Exporter:
     if name == "openvino":
         from pipeline.formats.openvino import OpenVINOExporter
         return OpenVINOExporter()
+    if name == "executorch":
+        from pipeline.formats.executorch import ExecuTorchExporter
+        return ExecuTorchExporter()
+    if name == "executorch_coreml":
+        from pipeline.formats.executorch import ExecuTorchCoreMLExporter
+        return ExecuTorchCoreMLExporter()
     raise ExportError(f"unknown format {name!r}; formats: {', '.join(ALL_FORMATS)}")

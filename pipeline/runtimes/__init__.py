@@ -41,4 +41,10 @@ def open_runtime(fmt: str, path: Path, meta: dict, threads: int = 1, compile: bo
     if fmt == "openvino":
         from pipeline.runtimes.openvino import OpenVINORuntime   # imports openvino: only when asked
         return OpenVINORuntime(path, meta, threads)
+    if fmt == "executorch":
+        from pipeline.runtimes.executorch import ExecuTorchRuntime   # imports executorch: only when asked
+        return ExecuTorchRuntime(path, meta, threads)
+    if fmt == "executorch_coreml":
+        from pipeline.runtimes.executorch import ExecuTorchCoreMLRuntime
+        return ExecuTorchCoreMLRuntime(path, meta, threads, compile, batch_size, simulation)
     raise ValueError(f"no runtime for format {fmt!r}")

@@ -14,7 +14,6 @@ import torch
 from pipeline.eval.metrics import kl_per_image, points_with_se, softmax
 from pipeline.eval.timing import alternate_latency, cpu_name
 from pipeline.formats.base import ExportContext, ExportError
-from pipeline.formats.coreml import CoreMLConfig
 from pipeline.io.data import normalized
 from pipeline.runtimes import open_runtime
 
@@ -115,7 +114,7 @@ def export_within_budget(exporter, model, ctx: ExportContext, cfg, quant_dir: Pa
     unit = drop_unit(labels)
     ranking = [r["layer"] for r in json.loads((quant_dir / "sensitivity.json").read_text())]
     float_probs = float_probabilities(model if reference is None else reference, pixels, ctx.meta)
-    simulation = cfg.simulation if isinstance(cfg, CoreMLConfig) else "int8"
+    simulation = getattr(cfg, "simulation", "int8")
 
     def attempt(layers: tuple) -> Attempt:
         return measure(exporter.name, ctx, pixels, labels, float_probs, simulation, layers)

@@ -15,6 +15,7 @@ from pipeline.formats import get_exporter
 from pipeline.formats.base import ExportContext, ExportError
 from pipeline.formats.coreml import CoreMLConfig
 from pipeline.formats.onnx import OnnxConfig
+from pipeline.formats.executorch import ExecuTorchConfig, ExecuTorchCoreMLConfig
 from pipeline.formats.openvino import OpenVINOConfig
 from pipeline.formats.tflite import TFLiteConfig
 from pipeline.io.checkpoints import load_model
@@ -36,6 +37,8 @@ class ExportConfig:
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     tflite: TFLiteConfig = field(default_factory=TFLiteConfig)
     openvino: OpenVINOConfig = field(default_factory=OpenVINOConfig)
+    executorch: ExecuTorchConfig = field(default_factory=ExecuTorchConfig)
+    executorch_coreml: ExecuTorchCoreMLConfig = field(default_factory=ExecuTorchCoreMLConfig)
 
     def validate(self):
         if not self.formats:
@@ -106,7 +109,7 @@ def _against_post_training(exporter, qat: tuple, cfg, quant: Path, quant_facts: 
     seconds = next((t.get("seconds_this_run") for t in trained if exporter.name in t.get("formats", [])), None)
     result, versus = qat_or_ptq(exporter.name, (qat_result, qat_ctx), (ptq_result, ptq_ctx), fused, quant,
                                 quant_facts.get("budget_set"), seconds,
-                                cfg.simulation if isinstance(cfg, CoreMLConfig) else "int8")
+                                getattr(cfg, "simulation", "int8"))
     shutil.rmtree(ptq_ctx.out_path.parent)   # the twin's folder: empty but for what an exporter left
     return result, (qat_budget if versus["shipped"] == "qat" else ptq_budget), versus
 

@@ -32,7 +32,7 @@ def test_int8_tflite_runs_in_one_xnnpack_partition(trained, tmp_path):
     r = export("tflite", "int8", trained, tmp_path)
     e = r.facts["execution"]
     assert e["xnnpack_partitions"] == 1 and e["ops_outside_xnnpack"] == {} and e["fast_path"]
-    assert execution_line(e) == (f"{e['runtime']}: 1 partition, every op inside XNNPACK.", True)
+    assert execution_line(e) == (f"{e['runtime']}: 1 XNNPACK partition, every op delegated.", True)
     ops = r.facts["ops"]   # a float GELU between each pair; + the uint8 input's pair; + the float softmax
     assert ops["GELU"] == gelus(trained.fused)
     assert (ops["DEQUANTIZE"], ops["QUANTIZE"]) == (ops["GELU"] + 2, ops["GELU"] + 1)
@@ -48,7 +48,7 @@ def test_an_int8_gelu_splits_the_xnnpack_graph_and_the_report_says_so(trained, t
     e = slow.facts["execution"]
     assert e["xnnpack_partitions"] > 1 and e["ops_outside_xnnpack"] == {"GELU": gelus(trained.fused)}
     line, fast = execution_line(e)
-    assert not fast and f"**{e['xnnpack_partitions']} partitions**" in line and "GELU" in line
+    assert not fast and f"**{e['xnnpack_partitions']} XNNPACK partitions**" in line and "GELU" in line
     # Same quantized GELU outputs either way: float GELU costs no fidelity.
     from pipeline.runtimes.litert import run_tflite
     a, b = run_tflite(r.path, trained.check), run_tflite(slow.path, trained.check)
@@ -94,6 +94,6 @@ def test_default_deploy_int8_tflite_is_one_partition(tmp_path):
     e = tfl["export"]["execution"]
     assert (e["xnnpack_partitions"], e["ops_outside_xnnpack"]) == (1, {}), e
     md = (tmp_path / "m0.9-int8" / "report.md").read_text()
-    assert "## How each artifact executes" in md and "1 partition, every op inside XNNPACK" in md
+    assert "## How each artifact executes" in md and "1 XNNPACK partition, every op delegated" in md
     assert "Off the fast path" not in md
     assert "residual-stream range equalization (alpha 0.5" in md
