@@ -89,6 +89,29 @@ def channel_absmax(model: nn.Module, x: torch.Tensor, modules: list[nn.Module],
     return out
 
 
+def watched_tensors(model: nn.Module) -> list[nn.Module]:
+    """The modules whose outputs are the residual stream's tensors (stem, each block's
+    token mixer, squeeze-excite and channel mixer): what equalization evens out."""
+    features = list(model.features)
+    watched = [features[0][-1]]
+    for b in features[1:]:
+        watched += [b.token_mixer[0], b.channel_mixer] + ([_se(b.token_mixer)] if _se(b.token_mixer) else [])
+    return watched
+
+
+def median_spread(ranges: dict) -> float:
+    """max / median channel range of each tensor, the median over tensors (2 decimals)."""
+    return round(float(torch.tensor([float(r.max() / r.clamp_min(1e-8).median())
+                                     for r in ranges.values()]).median()), 2)
+
+
+def ranges_after(absmax: dict, applied: dict) -> dict:
+    """Each watched tensor's per-channel max |output| after equalization, from before's and
+    the scale its stream took (exact algebra: no second pass over the calibration images;
+    tests/models/test_equalize.py measures it)."""
+    return {k: absmax[k] * applied[k] for k in absmax}
+
+
 @torch.no_grad()
 def equalize_residual_stream(model: nn.Module, x: torch.Tensor, alpha: float = 0.5,
                              max_scale: float = 16.0) -> tuple[nn.Module, dict]:
@@ -98,17 +121,19 @@ def equalize_residual_stream(model: nn.Module, x: torch.Tensor, alpha: float = 0
     _check(model)
     m = copy.deepcopy(model).eval()
     features = list(m.features)
-    watched = [features[0][-1]]
-    for b in features[1:]:
-        watched += [b.token_mixer[0], b.channel_mixer] + ([_se(b.token_mixer)] if _se(b.token_mixer) else [])
+    watched = watched_tensors(m)
     absmax = channel_absmax(m, x, watched)
 
     def scale_for(*modules) -> torch.Tensor:
         r = torch.stack([absmax[id(t)] for t in modules]).amax(0).clamp_min(1e-8)
         return ((r.max() / r) ** alpha).clamp(max=max_scale)
 
+    # Each watched tensor's output is multiplied channel-wise by the scale of the stream it
+    # writes: its range after equalization is its range before times that scale.
+    applied = {}
     s_prev = scale_for(features[0][-1])
     _rows(features[0][-1], s_prev)
+    applied[id(features[0][-1])] = s_prev
     for b in features[1:]:
         tm, cm, se = b.token_mixer, b.channel_mixer.m, _se(b.token_mixer)
         dw = tm[0]
@@ -121,23 +146,22 @@ def equalize_residual_stream(model: nn.Module, x: torch.Tensor, alpha: float = 0
             _columns(tm[2], s_dw)
             s_out = scale_for(b.channel_mixer)
             _rows(tm[2], s_out)
+            applied.update({id(dw): s_dw, **({id(se): s_dw} if se else {})})
         else:               # dw (identity folded in) [-> SE] -> residual FFN, one stream
             s_out = scale_for(dw, b.channel_mixer, *([se] if se else []))
             dw.weight.mul_((s_out / s_prev).view(-1, 1, 1, 1))
             dw.bias.mul_(s_out)
             if se:
                 _columns(se.fc1, s_out)
+            applied.update({id(dw): s_out, **({id(se): s_out} if se else {})})
+        applied[id(b.channel_mixer)] = s_out
         _columns(cm[0], s_out)
         _rows(cm[2], s_out)
         s_prev = s_out
     _columns(m.classifier, s_prev)
 
-    def median_spread(ranges: dict) -> float:   # max / median channel range, median over tensors
-        return round(float(torch.tensor([float(r.max() / r.clamp_min(1e-8).median())
-                                         for r in ranges.values()]).median()), 2)
-
     facts = {"method": f"residual-stream range equalization (alpha {alpha:g}, scales <= {max_scale:g})",
              "tensors": len(watched),
              "range_spread_before": median_spread(absmax),
-             "range_spread_after": median_spread(channel_absmax(m, x, watched))}
+             "range_spread_after": median_spread(ranges_after(absmax, applied))}
     return m, facts
