@@ -42,7 +42,8 @@ def _runtime():
 
 
 def _program(path: Path):
-    from executorch.exir._serialize._program import deserialize_pte_binary
+    with quiet():   # importing exir imports torchao, which prints what it cannot load
+        from executorch.exir._serialize._program import deserialize_pte_binary
 
     pte = deserialize_pte_binary(Path(path).read_bytes())
     return getattr(pte, "program", pte), pte
