@@ -173,7 +173,7 @@ class ExecuTorchExporter(SchemeSupport):
         with quiet():   # torchao and ExecuTorch print while they import
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-        from pipeline.runtimes.executorch import ExecuTorchRuntime, execution, version
+        from pipeline.runtimes.executorch import ExecuTorchRuntime, version
 
         size = ctx.meta["input_size"]
         pooled = PooledClassifier(model).eval()
@@ -208,7 +208,7 @@ class ExecuTorchExporter(SchemeSupport):
                 "ExecuTorch", torch_logits(model, normalized(ctx.check_inputs, ctx.meta)),
                 rt.predict(ctx.check_inputs), f"{rt.name} (measured), vs PyTorch float32",
                 cfg.tolerance if ctx.scheme == "fp32" else None)
-        facts["execution"] = execution(ctx.out_path)
+        facts["execution"] = rt.execution
         return ExportResult(ctx.out_path, facts)
 
 

@@ -60,7 +60,10 @@ class MilRuntime:
 
     def predict(self, pixels):
         # Batched: per-op Python overhead is paid once per batch, not once per image.
-        x = self.interp.input_tensor(pixels.transpose(0, 3, 1, 2))
+        return self.scores(self.interp.input_tensor(pixels.transpose(0, 3, 1, 2)))
+
+    def scores(self, x):
+        """The program's outputs for input tensor ``x`` (compiled where it was built)."""
         return (self.compiled or self.interp.forward)(x).numpy()
 
     def invoker(self, pixels):

@@ -84,7 +84,8 @@ class ExecuTorchRuntime:
         set_threads(self.threads)
         with quiet():   # XNNPACK's CPU probe logs to fd 2 when the first delegate loads
             self.forward = _runtime().load_program(Path(path)).load_method("forward")
-        self.name = f"ExecuTorch {version()} CPU ({execution(path)['backend']})"
+        self.execution = execution(path)   # read once: the name's backend and the export's facts
+        self.name = f"ExecuTorch {version()} CPU ({self.execution['backend']})"
 
     def predict(self, pixels):
         import torch
@@ -158,7 +159,7 @@ class ExecuTorchCoreMLRuntime:
     def predict(self, pixels):
         if self.real is not None:
             return self.real.predict(pixels)
-        return (self.sim.compiled or self.sim.interp.forward)(self._input(pixels)).numpy()
+        return self.sim.scores(self._input(pixels))
 
     def invoker(self, pixels):
         if self.real is not None:
