@@ -3,7 +3,8 @@ measured alternating in one process (these machines are noisy: only ratios in on
 anything); how each int8 artifact executes (LiteRT delegate partitions and the ops left
 outside XNNPACK; onnxruntime's ops in float between DequantizeLinear and QuantizeLinear;
 OpenVINO's layers by runtime precision; ExecuTorch's delegate partitions) and onnxruntime's
-per-op time split from its profiler; onnxruntime int8 with ``export.onnx.gelu: sigmoid``,
+per-op time split from its profiler, OpenVINO's per-layer split from its performance counters;
+onnxruntime int8 with ``export.onnx.gelu: sigmoid``,
 OpenVINO int8 against onnxruntime int8, and the ExecuTorch XNNPACK int8 .pte against the
 int8 .tflite (both XNNPACK). Also the wall time of `make deploy` cold and warm.
 
@@ -88,6 +89,47 @@ def onnx_op_split(path: Path, meta: dict, pixel, threads: int, warmup: int = 5,
     return split
 
 
+def openvino_layer_split(path: Path, pixel, threads: int, warmup: int = 10,
+                         runs: int = 30) -> dict[str, float]:
+    """Milliseconds per run by layer type and the precision its kernel ran in (``Convolution
+    i8``), from OpenVINO's per-layer performance counters (``PERF_COUNT``), at the inference
+    precision the IR names; the key ``(outside layers)`` is the call's wall time the
+    counters do not cover."""
+    import numpy as np
+    import openvino as ov
+
+    from pipeline.runtimes.openvino import compile_config, model_xml, rt_facts
+
+    core = ov.Core()
+    model = core.read_model(model_xml(path))
+    precision = rt_facts(model).get("inference_precision", "f32")
+    request = core.compile_model(model, "CPU", compile_config(precision, threads) | {"PERF_COUNT": True}
+                                 ).create_infer_request()
+    x = np.ascontiguousarray(pixel, np.uint8)
+    split: dict[str, float] = {}
+    for i in range(warmup + runs):
+        start = time.perf_counter()
+        request.infer([x])
+        wall = (time.perf_counter() - start) * 1e3
+        if i < warmup:
+            continue
+        for p in request.get_profiling_info():
+            if p.status == p.Status.EXECUTED:
+                key = f"{p.node_type} {p.exec_type.rsplit('_', 1)[-1].lower()}"
+                ms = p.real_time.total_seconds() * 1e3
+                split[key] = split.get(key, 0.0) + ms / runs
+                wall -= ms
+        split["(outside layers)"] = split.get("(outside layers)", 0.0) + wall / runs
+    return split
+
+
+def print_split(name: str, split: dict[str, float], top: int = 7) -> None:
+    total = sum(split.values())
+    parts = ", ".join(f"{k} {v:.2f} ({100 * v / total:.0f}%)"
+                      for k, v in sorted(split.items(), key=lambda kv: -kv[1])[:top])
+    print(f"  {name}: total {total:.2f} ms: {parts}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--variant", default="m0.9")
@@ -150,11 +192,12 @@ def main():
     print("\nonnxruntime per-op time split (its profiler, ms per run):")
     for threads in args.threads if "onnx" in args.formats else ():
         for scheme in ("fp32", "int8"):
-            split = onnx_op_split(path_of(scheme, "onnx"), meta, pixel, threads)
-            total = sum(split.values())
-            top = ", ".join(f"{k} {v:.2f} ({100 * v / total:.0f}%)"
-                            for k, v in sorted(split.items(), key=lambda kv: -kv[1])[:7])
-            print(f"  {scheme} {threads} thread(s): total {total:.2f} ms: {top}")
+            print_split(f"{scheme} {threads} thread(s)", onnx_op_split(path_of(scheme, "onnx"), meta, pixel, threads))
+    print("\nOpenVINO per-layer time split (its performance counters, ms per run, layer type and "
+          "the precision its kernel ran in):")
+    for threads in args.threads if "openvino" in args.formats else ():
+        for scheme in ("fp32", "int8"):
+            print_split(f"{scheme} {threads} thread(s)", openvino_layer_split(path_of(scheme, "openvino"), pixel, threads))
 
     if args.no_deploy_timing:
         return
