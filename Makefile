@@ -33,8 +33,8 @@ setup: ## Create $(VENV) and install everything (torch 2.13.0 CPU included)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 
-test: ## Run the default test suite (minutes; slow tests excluded)
-	$(PY) -m pytest -q
+test: ## Run the default test suite (minutes; slow tests excluded; one worker per core, up to 4)
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 test-slow: ## Run only the slow tests (every variant through every exporter, ...)
 	$(PY) -m pytest -q -m slow

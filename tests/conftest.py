@@ -9,6 +9,16 @@ from PIL import Image
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``) the workers share the cores: each one's torch gets
+    its share of threads instead of every worker starting one thread per core."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(autouse=True)
 def pipeline_messages_enabled():
     """Every log call of the pipeline is made in full (debug included), as under ``-v``: a
