@@ -2,11 +2,11 @@
 measured alternating in one process (these machines are noisy: only ratios in one run mean
 anything); how each int8 artifact executes (LiteRT delegate partitions and the ops left
 outside XNNPACK; onnxruntime's ops in float between DequantizeLinear and QuantizeLinear;
-OpenVINO's layers by runtime precision; ExecuTorch's delegate partitions) and onnxruntime's
-per-op time split from its profiler, OpenVINO's per-layer split from its performance counters;
-onnxruntime int8 with ``export.onnx.gelu: sigmoid``,
-OpenVINO int8 against onnxruntime int8, and the ExecuTorch XNNPACK int8 .pte against the
-int8 .tflite (both XNNPACK). Also the wall time of `make deploy` cold and warm.
+OpenVINO's layers by runtime precision; ExecuTorch's delegate partitions), onnxruntime's
+per-op time split from its profiler and OpenVINO's per-layer split from its performance
+counters; onnxruntime int8 with ``export.onnx.gelu: sigmoid``, OpenVINO int8 against
+onnxruntime int8, and the ExecuTorch XNNPACK int8 .pte against the int8 .tflite (both
+XNNPACK). Also the wall time of `make deploy` cold and warm.
 
 The weights are the seeded untrained ones of `CKPT=random`, with BatchNorm statistics
 randomized so that every layer is active (pipeline/models/init.py): speed as with trained
@@ -89,31 +89,24 @@ def onnx_op_split(path: Path, meta: dict, pixel, threads: int, warmup: int = 5,
     return split
 
 
-def openvino_layer_split(path: Path, pixel, threads: int, warmup: int = 10,
+def openvino_layer_split(path: Path, meta: dict, pixel, threads: int, warmup: int = 10,
                          runs: int = 30) -> dict[str, float]:
     """Milliseconds per run by layer type and the precision its kernel ran in (``Convolution
     i8``), from OpenVINO's per-layer performance counters (``PERF_COUNT``), at the inference
     precision the IR names; the key ``(outside layers)`` is the call's wall time the
     counters do not cover."""
-    import numpy as np
-    import openvino as ov
+    from pipeline.runtimes.openvino import OpenVINORuntime
 
-    from pipeline.runtimes.openvino import compile_config, model_xml, rt_facts
-
-    core = ov.Core()
-    model = core.read_model(model_xml(path))
-    precision = rt_facts(model).get("inference_precision", "f32")
-    request = core.compile_model(model, "CPU", compile_config(precision, threads) | {"PERF_COUNT": True}
-                                 ).create_infer_request()
-    x = np.ascontiguousarray(pixel, np.uint8)
+    runtime = OpenVINORuntime(path, meta, threads, properties={"PERF_COUNT": True})
+    call = runtime.invoker(pixel)
     split: dict[str, float] = {}
     for i in range(warmup + runs):
         start = time.perf_counter()
-        request.infer([x])
+        call()
         wall = (time.perf_counter() - start) * 1e3
         if i < warmup:
             continue
-        for p in request.get_profiling_info():
+        for p in runtime.request.get_profiling_info():
             if p.status == p.Status.EXECUTED:
                 key = f"{p.node_type} {p.exec_type.rsplit('_', 1)[-1].lower()}"
                 ms = p.real_time.total_seconds() * 1e3
@@ -197,7 +190,8 @@ def main():
           "the precision its kernel ran in):")
     for threads in args.threads if "openvino" in args.formats else ():
         for scheme in ("fp32", "int8"):
-            print_split(f"{scheme} {threads} thread(s)", openvino_layer_split(path_of(scheme, "openvino"), pixel, threads))
+            print_split(f"{scheme} {threads} thread(s)",
+                        openvino_layer_split(path_of(scheme, "openvino"), meta, pixel, threads))
 
     if args.no_deploy_timing:
         return

@@ -59,14 +59,17 @@ class OpenVINORuntime:
     """uint8 NHWC pixels in, logits out, on OpenVINO's CPU plugin."""
     method, outputs = "measured", "logits"
 
-    def __init__(self, path: Path, meta: dict, threads: int = 1, precision: str | None = None):
+    def __init__(self, path: Path, meta: dict, threads: int = 1, precision: str | None = None,
+                 properties: dict | None = None):
+        """``properties``: further CPU plugin properties (``PERF_COUNT`` for a per-layer profile)."""
         import openvino as ov
 
         self.core = ov.Core()
         model = self.core.read_model(model_xml(path))
         self.facts = rt_facts(model)
         self.requested = precision or self.facts.get("inference_precision", "f32")
-        self.program = self.core.compile_model(model, "CPU", compile_config(self.requested, threads))
+        self.program = self.core.compile_model(model, "CPU",
+                                               compile_config(self.requested, threads) | (properties or {}))
         self.request = self.program.create_infer_request()
         self.precision = ran_precision(self.program)
         self.meta = meta
